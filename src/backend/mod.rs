@@ -1,0 +1,236 @@
+//! Links to the PostgreSQL server: TCP connect under a timeout, then, for a
+//! TLS `sslmode`, the SSLRequest exchange and a rustls client handshake.
+//!
+//! The proxy is itself a client here and applies the same rule as libpq:
+//! any byte after the server's `S` and before its TLS handshake aborts the
+//! link ("received unencrypted data after SSL response").
+
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{self, SslMode};
+use crate::error::{sqlstate, ClientError};
+use crate::stream::{BackendStream, MaybeTls};
+use crate::tls::pem::FileError;
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot resolve {address}: {source}")]
+    Resolve {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("connect to {0} timed out")]
+    Timeout(String),
+    #[error("server at {0} does not accept TLS (answered the SSLRequest with {1:?})")]
+    TlsRefused(String, char),
+    #[error("received unencrypted data after SSL response from {0}")]
+    EarlyData(String),
+    #[error("TLS handshake with {address} failed: {source}")]
+    Tls {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("i/o error with {address}: {source}")]
+    Io {
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// Closed label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Resolve { .. } => "resolve",
+            BackendError::Connect { .. } => "connect",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::TlsRefused(..) => "tls_refused",
+            BackendError::EarlyData(_) => "early_data",
+            BackendError::Tls { .. } => "tls",
+            BackendError::Io { .. } => "io",
+        }
+    }
+
+    /// 08006 with a safe description of which step failed and why; the
+    /// address and OS error text stay in the log.
+    pub fn client_error(&self) -> ClientError {
+        let what = match self {
+            BackendError::Resolve { .. } => "its address does not resolve".to_string(),
+            BackendError::Connect { source, .. } => match source.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                _ => "connection failed".to_string(),
+            },
+            BackendError::Timeout(_) => "connection timed out".to_string(),
+            BackendError::TlsRefused(..) => {
+                "the server does not accept TLS, which backend.sslmode requires".to_string()
+            }
+            BackendError::EarlyData(_) => {
+                "the server sent unencrypted data after its SSL response".to_string()
+            }
+            BackendError::Tls { source, .. } => tls_reason(source),
+            BackendError::Io { .. } => "the connection failed".to_string(),
+        };
+        ClientError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("pg-tls-proxy could not reach the PostgreSQL server: {what}"),
+        )
+    }
+}
+
+/// The rustls reason for a failed backend handshake, in words safe for a client.
+fn tls_reason(err: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return "TLS handshake failed".to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => {
+            let why = match cert {
+                C::UnknownIssuer => "it is not signed by a CA in backend.sslrootcert",
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "it does not match the backend server name"
+                }
+                C::Expired | C::ExpiredContext { .. } => "it has expired",
+                C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet",
+                C::Revoked => "it has been revoked",
+                _ => "it is invalid",
+            };
+            format!("the server's certificate was rejected: {why}")
+        }
+        rustls::Error::AlertReceived(alert) => {
+            format!("the server refused the TLS handshake (alert: {alert:?})")
+        }
+        _ => "TLS handshake failed".to_string(),
+    }
+}
+
+/// Everything needed to open backend links; built once from `[backend]`.
+pub struct Connector {
+    address: String,
+    sslmode: SslMode,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    pub fn new(b: &config::Backend) -> Result<Connector, FileError> {
+        let tls = match b.sslmode {
+            SslMode::Disable => None,
+            _ => {
+                let name = tls::server_name(b).map_err(|reason| {
+                    FileError::new("backend.server_name", std::path::Path::new("-"), reason)
+                })?;
+                Some((tls::client_config(b)?, name))
+            }
+        };
+        Ok(Connector {
+            address: b.address.clone(),
+            sslmode: b.sslmode,
+            tls,
+            connect_timeout: b.connect_timeout,
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn sslmode(&self) -> SslMode {
+        self.sslmode
+    }
+
+    /// Opens a link, TLS-wrapped per `sslmode`. Cancel-safe: dropping it
+    /// drops the half-open socket.
+    pub async fn connect(&self) -> Result<BackendStream, BackendError> {
+        let address = &self.address;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| BackendError::Timeout(address.clone()))?
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::InvalidInput {
+                    BackendError::Resolve {
+                        address: address.clone(),
+                        source,
+                    }
+                } else {
+                    BackendError::Connect {
+                        address: address.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let Some((config, name)) = &self.tls else {
+            return Ok(MaybeTls::Plain(tcp));
+        };
+        let tcp = self.negotiate_ssl(tcp).await?;
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        let stream =
+            tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
+                .await
+                .map_err(|_| BackendError::Timeout(address.clone()))?
+                .map_err(|source| BackendError::Tls {
+                    address: address.clone(),
+                    source,
+                })?;
+        Ok(MaybeTls::Tls(Box::new(stream)))
+    }
+
+    async fn negotiate_ssl(&self, mut tcp: TcpStream) -> Result<TcpStream, BackendError> {
+        let address = &self.address;
+        let io = |source| BackendError::Io {
+            address: address.clone(),
+            source,
+        };
+        tcp.write_all(&SSL_REQUEST).await.map_err(io)?;
+        let answer = tokio::time::timeout(self.connect_timeout, tcp.read_u8())
+            .await
+            .map_err(|_| BackendError::Timeout(address.clone()))?
+            .map_err(io)?;
+        if answer != b'S' {
+            return Err(BackendError::TlsRefused(address.clone(), answer as char));
+        }
+        let mut probe = [0u8; 1];
+        match tcp.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(tcp),
+            Ok(0) => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => Err(BackendError::EarlyData(address.clone())),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Forwards a CancelRequest unchanged over a fresh link. PostgreSQL never
+    /// answers one; the link is closed when the server closes it.
+    pub async fn forward_cancel(&self, packet: &[u8]) -> Result<(), BackendError> {
+        let mut link = self.connect().await?;
+        let io = |source| BackendError::Io {
+            address: self.address.clone(),
+            source,
+        };
+        link.write_all(packet).await.map_err(io)?;
+        link.flush().await.map_err(io)?;
+        let mut sink = [0u8; 64];
+        // Wait for the server to close, briefly, so the cancel is delivered
+        // before our side goes away.
+        let _ = tokio::time::timeout(self.connect_timeout, link.read(&mut sink)).await;
+        Ok(())
+    }
+}

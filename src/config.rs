@@ -1,0 +1,347 @@
+//! Configuration: built-in defaults, then the TOML file given by `--config`,
+//! then `PGTLS_` environment variables (`__` separates nesting levels).
+//!
+//! This module owns the shape of the configuration and its validation. It
+//! never opens sockets; reading certificate files happens in [`crate::tls`]
+//! and [`crate::backend`], which report errors against the key named here.
+//! Unknown keys are errors: a typo must never silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Whole configuration. The top-level tables (`listen`, `tls`, `backend`)
+/// describe one listener and one backend; later several can be added as
+/// arrays of tables without renaming these keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: Listen,
+    pub tls: Tls,
+    pub backend: Backend,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Client-facing `host:port`.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain: leaf first, then intermediates.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Lowest TLS version offered: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+    /// Accept plaintext startups. Off by default: a security downgrade.
+    pub allow_plaintext: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backend {
+    /// PostgreSQL server `host:port`.
+    pub address: String,
+    /// libpq vocabulary: disable, require, verify-ca, verify-full.
+    pub sslmode: SslMode,
+    /// CA bundle that signs the backend's certificate.
+    pub sslrootcert: Option<PathBuf>,
+    /// The proxy's own client certificate chain (backend mTLS).
+    pub sslcert: Option<PathBuf>,
+    /// Key for `sslcert`.
+    pub sslkey: Option<PathBuf>,
+    /// Name checked against the backend certificate and sent as SNI;
+    /// defaults to the host part of `address`.
+    pub server_name: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// One deadline from accept until the backend has been reached:
+    /// negotiation, TLS handshake, startup packet and backend connect.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Client connections held at once; 0 means no limit.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// How long SIGTERM waits for sessions to end on their own.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// tracing filter, e.g. "info" or "pg_tls_proxy=debug"; RUST_LOG wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Listen::default(),
+            tls: Tls::default(),
+            backend: Backend::default(),
+            limits: Limits::default(),
+            shutdown: Shutdown::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            address: "127.0.0.1:6432".into(),
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            cert: None,
+            key: None,
+            min_version: TlsVersion::V1_2,
+            allow_plaintext: false,
+        }
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            address: "127.0.0.1:5432".into(),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            server_name: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration error: always names the key, and the file when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{key}: {reason}{}", origin.as_ref().map(|p| format!(" (in {})", p.display())).unwrap_or_default())]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        origin: Option<PathBuf>,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (which must exist), then `PGTLS_*`.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // `Toml::file` would silently ignore a missing file.
+            std::fs::metadata(path).map_err(|source| ConfigError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        // `PGTLS_CONFIG` names the file; it is not a key.
+        fig = fig.merge(Env::prefixed("PGTLS_").split("__").ignore(&["config"]));
+        let config: Config = fig.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string only (tests and `explain`-style tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        let config: Config = fig.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate(None)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: combinations of keys. Files are read later.
+    pub fn validate(&self, origin: Option<&Path>) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+            origin: origin.map(Path::to_path_buf),
+        };
+        if self.listen.address.trim().is_empty() {
+            return Err(invalid("listen.address", "must be host:port"));
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (None, None) if !self.tls.allow_plaintext => {
+                return Err(invalid(
+                    "tls.cert",
+                    "a server certificate and key are required (or set tls.allow_plaintext = true)",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(invalid("tls.key", "tls.cert is set but tls.key is not"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls.cert", "tls.key is set but tls.cert is not"))
+            }
+            _ => {}
+        }
+        if self.backend.address.trim().is_empty() {
+            return Err(invalid("backend.address", "must be host:port"));
+        }
+        let b = &self.backend;
+        if b.sslmode == SslMode::Disable
+            && (b.sslrootcert.is_some() || b.sslcert.is_some() || b.sslkey.is_some())
+        {
+            return Err(invalid(
+                "backend.sslmode",
+                "is \"disable\" but backend.sslrootcert/sslcert/sslkey are set; choose require, verify-ca or verify-full",
+            ));
+        }
+        if matches!(b.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && b.sslrootcert.is_none() {
+            return Err(invalid(
+                "backend.sslrootcert",
+                "is required when backend.sslmode is verify-ca or verify-full",
+            ));
+        }
+        if b.sslcert.is_some() != b.sslkey.is_some() {
+            return Err(invalid(
+                "backend.sslkey",
+                "backend.sslcert and backend.sslkey must be given together",
+            ));
+        }
+        if self.limits.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "limits.handshake_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if b.connect_timeout.is_zero() {
+            return Err(invalid("backend.connect_timeout", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_a_certificate() {
+        let err = Config::from_toml("").unwrap_err().to_string();
+        assert!(err.contains("tls.cert"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[backend]\nadress = \"x:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_modes_parse() {
+        let c = Config::from_toml(
+            "[tls]\ncert='a'\nkey='b'\n[backend]\nsslmode='verify-full'\nsslrootcert='c'\n[limits]\nhandshake_timeout='3s'\n",
+        )
+        .expect("valid");
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.backend.sslmode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn verify_full_requires_root() {
+        let err =
+            Config::from_toml("[tls]\nallow_plaintext=true\n[backend]\nsslmode='verify-full'\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("backend.sslrootcert"), "{err}");
+    }
+}

@@ -1,0 +1,213 @@
+//! Session errors and the one place that decides what a client sees.
+//!
+//! Each module has its own error type; [`SessionError`] gathers them with a
+//! closed [`SessionError::kind`] for logs and metrics, and
+//! [`SessionError::client_error`] is the allow-list of what may reach a
+//! client: a SQLSTATE and a fixed, safe text. I/O and library error text
+//! (which can carry paths or addresses) goes to the log only.
+
+use bytes::{Bytes, BytesMut};
+use pgwire::error::ErrorInfo;
+use pgwire::messages::response::ErrorResponse;
+use pgwire::messages::Message;
+
+use crate::backend::BackendError;
+use crate::protocol::{ProtocolError, ReadError};
+
+/// SQLSTATEs the proxy itself sends.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+}
+
+/// The phase a deadline expired in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Negotiation,
+    TlsHandshake,
+    Startup,
+    BackendConnect,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Negotiation => "negotiation",
+            Phase::TlsHandshake => "tls_handshake",
+            Phase::Startup => "startup",
+            Phase::BackendConnect => "backend_connect",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client closed the connection during {0}")]
+    ClientEof(&'static str),
+    #[error("client i/o error: {0}")]
+    ClientIo(std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("bytes arrived after the SSLRequest before the server's answer")]
+    EarlyData,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("direct TLS connection without ALPN \"postgresql\"")]
+    DirectTlsWithoutAlpn,
+    #[error("plaintext startup refused (tls.allow_plaintext = false)")]
+    PlaintextRefused,
+    #[error("no user name in the startup packet")]
+    NoUser,
+    #[error("deadline expired during {}", .0.as_str())]
+    Timeout(Phase),
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error(
+        "client asked for SCRAM channel binding, which cannot pass through a TLS backend link"
+    )]
+    ChannelBindingThroughTls,
+    #[error("too many connections")]
+    TooManyConnections,
+}
+
+impl From<ReadError> for SessionError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Eof => SessionError::ClientEof("negotiation"),
+            ReadError::Io(e) => SessionError::ClientIo(e),
+            ReadError::Protocol(p) => SessionError::Protocol(p),
+        }
+    }
+}
+
+/// What a client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ClientError {
+    pub fn fatal(sqlstate: &'static str, message: impl Into<String>) -> Self {
+        ClientError {
+            sqlstate,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The ErrorResponse message, severity FATAL.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut info = ErrorInfo::new("FATAL".into(), self.sqlstate.into(), self.message.clone());
+        info.severity_nonlocalized = Some("FATAL".into());
+        info.detail = self.detail.clone();
+        info.hint = self.hint.clone();
+        let response = ErrorResponse::from(info);
+        let mut buf = BytesMut::with_capacity(response.message_length() + 1);
+        // Encoding into a BytesMut cannot fail for a message this small.
+        let _ = response.encode(&mut buf);
+        buf.freeze()
+    }
+}
+
+impl SessionError {
+    /// A closed label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::ClientEof(_) => "client_eof",
+            SessionError::ClientIo(_) => "client_io",
+            SessionError::Protocol(_) => "protocol_violation",
+            SessionError::EarlyData => "early_data",
+            SessionError::Tls(_) => "tls_handshake",
+            SessionError::DirectTlsWithoutAlpn => "alpn_mismatch",
+            SessionError::PlaintextRefused => "plaintext_rejected",
+            SessionError::NoUser => "protocol_violation",
+            SessionError::Timeout(_) => "timeout",
+            SessionError::Backend(_) => "backend",
+            SessionError::ChannelBindingThroughTls => "channel_binding",
+            SessionError::TooManyConnections => "limit",
+        }
+    }
+
+    /// The ErrorResponse to send, if the client can still receive one.
+    pub fn client_error(&self) -> Option<ClientError> {
+        use sqlstate::*;
+        Some(match self {
+            SessionError::ClientEof(_)
+            | SessionError::ClientIo(_)
+            | SessionError::Tls(_)
+            | SessionError::DirectTlsWithoutAlpn => return None,
+            SessionError::Protocol(p) => ClientError::fatal(PROTOCOL_VIOLATION, p.to_string()),
+            SessionError::EarlyData => ClientError::fatal(
+                PROTOCOL_VIOLATION,
+                "received unencrypted data after SSL request",
+            )
+            .with_detail("This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."),
+            SessionError::PlaintextRefused => ClientError::fatal(
+                INVALID_AUTHORIZATION,
+                "pg-tls-proxy accepts only TLS connections",
+            )
+            .with_hint("Connect with sslmode=require or stronger (sslmode=verify-full is recommended)."),
+            SessionError::NoUser => ClientError::fatal(
+                INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            ),
+            SessionError::Timeout(Phase::BackendConnect) => ClientError::fatal(
+                CONNECTION_FAILURE,
+                "timed out connecting to the PostgreSQL server behind pg-tls-proxy",
+            ),
+            SessionError::Timeout(phase) => ClientError::fatal(
+                PROTOCOL_VIOLATION,
+                format!("connection setup took too long ({})", phase.as_str()),
+            ),
+            SessionError::Backend(b) => b.client_error(),
+            SessionError::ChannelBindingThroughTls => ClientError::fatal(
+                INVALID_AUTHORIZATION,
+                "SCRAM channel binding cannot pass through pg-tls-proxy to a TLS backend",
+            )
+            .with_detail("The client bound its SCRAM exchange to the proxy's certificate; the PostgreSQL server would check it against its own certificate and refuse it.")
+            .with_hint("Connect with channel_binding=disable (the client link is still TLS), or use a plaintext backend link on a trusted network."),
+            SessionError::TooManyConnections => ClientError::fatal(
+                TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already",
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_layout() {
+        let bytes = SessionError::PlaintextRefused
+            .client_error()
+            .expect("client error")
+            .to_bytes();
+        assert_eq!(bytes[0], b'E');
+        let len = i32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        assert_eq!(len + 1, bytes.len());
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("SFATAL"));
+        assert!(text.contains("C28000"));
+        assert!(text.contains("sslmode=require"));
+        assert_eq!(*bytes.last().expect("non-empty"), 0);
+    }
+}

@@ -1,0 +1,34 @@
+//! pg-tls-proxy: a protocol-aware TLS-terminating proxy for PostgreSQL.
+//!
+//! # Layout
+//! Modules follow one connection's path:
+//! - [`config`]: defaults → TOML file → `PGTLS_` environment; validation.
+//! - [`app`]: composition root; builds shared state, binds, returns a handle.
+//! - [`session`]: one connection through its phases, under deadlines.
+//! - [`negotiate`]: the pre-TLS state machine (SSLRequest, GSSENCRequest,
+//!   direct TLS, CancelRequest, plaintext startup).
+//! - [`protocol`]: length-capped framing of startup packets and messages.
+//! - [`tls`]: PEM loading and the client-facing rustls `ServerConfig`.
+//! - [`backend`]: backend links and their TLS modes (libpq's sslmode).
+//! - [`startup`]: the relayed authentication exchange and its one guard
+//!   (SCRAM channel binding through a TLS backend link).
+//! - [`relay`]: the byte copy after authentication.
+//! - [`error`]: error kinds and what a client may see (SQLSTATE + text).
+//! - [`metrics`]: Prometheus metrics on a registry passed down.
+//! - [`devcerts`]: throwaway development certificates.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod devcerts;
+pub mod error;
+pub mod metrics;
+pub mod negotiate;
+pub mod protocol;
+pub mod relay;
+pub mod session;
+pub mod startup;
+pub mod stream;
+pub mod tls;

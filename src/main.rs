@@ -1,0 +1,205 @@
+//! The `pg-tls-proxy` binary: parse the command line, load and validate the
+//! configuration (exit 64 before binding anything on error), run the app.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pg_tls_proxy::app::{self, Prepared};
+use pg_tls_proxy::config::{Config, LogFormat};
+use pg_tls_proxy::tls::pem::unix_now;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "pg-tls-proxy",
+    version,
+    about = "TLS-terminating proxy for PostgreSQL"
+)]
+struct Cli {
+    /// TOML configuration file (also PGTLS_CONFIG).
+    #[arg(long, short, env = "PGTLS_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and every file it names, print a summary.
+    Check,
+    /// Write a throwaway CA, server and client certificates (development only).
+    DevCerts {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Server names (DNS or IP); default localhost and 127.0.0.1.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Client certificate common names.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
+}
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::DevCerts {
+            out,
+            hosts,
+            clients,
+        }) => dev_certs(out, hosts, clients),
+        Some(Command::Check) => check(cli.config),
+        None => run(cli.config),
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Prepared, ExitCode> {
+    let config = Config::load(config.as_deref()).map_err(|e| {
+        eprintln!("pg-tls-proxy: configuration error: {e}");
+        ExitCode::from(EX_USAGE)
+    })?;
+    app::prepare(config, &prometheus::Registry::new()).map_err(|e| {
+        eprintln!("pg-tls-proxy: configuration error: {e}");
+        ExitCode::from(e.exit_code() as u8)
+    })
+}
+
+fn check(config: Option<PathBuf>) -> ExitCode {
+    let prepared = match load(config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let c = &prepared.config;
+    println!("configuration OK");
+    println!("listen.address      {}", c.listen.address);
+    match &prepared.server_cert {
+        Some(leaf) => {
+            println!("tls.cert subject    {}", leaf.subject);
+            println!("tls.cert issuer     {}", leaf.issuer);
+            println!("tls.cert SANs       {}", leaf.sans.join(", "));
+            println!(
+                "tls.cert chain      {} certificate(s)",
+                prepared.server_chain_len
+            );
+            println!("tls.cert expires in {} days", leaf.days_left(unix_now()));
+        }
+        None => println!("tls                 not configured (plaintext only)"),
+    }
+    println!(
+        "tls.min_version     {}",
+        match c.tls.min_version {
+            pg_tls_proxy::config::TlsVersion::V1_2 => "1.2",
+            pg_tls_proxy::config::TlsVersion::V1_3 => "1.3",
+        }
+    );
+    println!("tls.allow_plaintext {}", c.tls.allow_plaintext);
+    println!("backend.address     {}", c.backend.address);
+    println!("backend.sslmode     {}", c.backend.sslmode.as_str());
+    println!(
+        "backend client cert {}",
+        if c.backend.sslcert.is_some() {
+            "yes (mTLS)"
+        } else {
+            "no"
+        }
+    );
+    ExitCode::SUCCESS
+}
+
+fn dev_certs(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> ExitCode {
+    if hosts.is_empty() {
+        hosts = vec!["localhost".into(), "127.0.0.1".into()];
+    }
+    match pg_tls_proxy::devcerts::write(&out, &hosts, &clients) {
+        Ok(written) => {
+            println!("DEVELOPMENT ONLY: throwaway certificates, never use them in production.");
+            for f in written.files {
+                println!("  wrote {}", f.display());
+            }
+            println!("server names: {}", hosts.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pg-tls-proxy dev-certs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(c: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&c.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match c.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config: Option<PathBuf>) -> ExitCode {
+    let prepared = match load(config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    init_tracing(&prepared.config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pg-tls-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let handle = match app::serve(prepared).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("pg-tls-proxy: {e}");
+                return ExitCode::from(e.exit_code() as u8);
+            }
+        };
+        match wait_for_signal().await {
+            Signal::Terminate => {
+                tracing::info!("SIGTERM: draining");
+                handle.shutdown().await;
+            }
+            Signal::Interrupt => {
+                tracing::info!("SIGINT: closing now");
+                handle.abort().await;
+            }
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+async fn wait_for_signal() -> Signal {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process can only be killed.
+        std::future::pending::<()>().await;
+        return Signal::Interrupt;
+    };
+    tokio::select! {
+        _ = term.recv() => Signal::Terminate,
+        _ = int.recv() => Signal::Interrupt,
+    }
+}

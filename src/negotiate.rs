@@ -1,0 +1,262 @@
+//! Everything a client says before its StartupMessage, as one explicit
+//! state machine over the raw socket:
+//!
+//! ```text
+//! start ──0x16──────────────► direct TLS (ALPN "postgresql" required)
+//!   │                                  │
+//!   ├─GSSENCRequest─► 'N' ─► start'    │   (each request at most once)
+//!   ├─SSLRequest───► 'S' ─► TLS ───────┤
+//!   ├─CancelRequest─► done             ▼
+//!   └─StartupMessage─► plaintext?   packet inside TLS: Startup | Cancel
+//! ```
+//!
+//! Rules it enforces (see shared/PROTOCOL.md):
+//! - exactly the 8 bytes of an SSLRequest are consumed; if anything else
+//!   already arrived before our `S`, the connection is refused and none of
+//!   it is processed (CVE-2021-23214 / CVE-2021-3935);
+//! - no buffered reader ever sits under the TLS stream;
+//! - a second SSLRequest/GSSENCRequest, or one inside TLS, is a protocol
+//!   violation;
+//! - startup packets are capped at
+//!   [`MAX_STARTUP_PACKET_LENGTH`](crate::protocol::MAX_STARTUP_PACKET_LENGTH).
+//!
+//! It never talks to the backend.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::error::{Phase, SessionError};
+use crate::protocol::{read_packet, Packet, ProtocolError, ReadError, StartupPacket};
+use crate::stream::{ClientStream, MaybeTls};
+use crate::tls::ALPN_POSTGRESQL;
+
+/// First byte of a TLS handshake record: a direct-TLS ClientHello. It can
+/// never start a startup packet (that would be a length over 369 MB).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// TLS alert record: fatal (2), no_application_protocol (120), RFC 7301.
+/// Sent in plaintext before any ServerHello, as PostgreSQL 17 does.
+const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
+
+/// How the client reached the startup phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Plaintext,
+    SslRequest,
+    DirectTls,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Plaintext => "plaintext",
+            Path::SslRequest => "sslrequest",
+            Path::DirectTls => "direct_tls",
+        }
+    }
+}
+
+/// The outcome of negotiation.
+pub enum Negotiated {
+    Startup {
+        stream: ClientStream,
+        startup: StartupPacket,
+        path: Path,
+    },
+    /// A CancelRequest (plaintext or inside TLS), to forward.
+    Cancel { packet: Bytes, path: Path },
+}
+
+/// A failure, with the stream when an ErrorResponse can still be sent on it.
+pub struct Failed {
+    pub error: SessionError,
+    pub stream: Option<ClientStream>,
+}
+
+impl Failed {
+    fn closed(error: SessionError) -> Self {
+        Failed {
+            error,
+            stream: None,
+        }
+    }
+}
+
+/// Runs the state machine under `deadline`.
+pub async fn negotiate(
+    mut tcp: TcpStream,
+    tls: Option<&Arc<ServerConfig>>,
+    allow_plaintext: bool,
+    deadline: Instant,
+) -> Result<Negotiated, Failed> {
+    let mut first = [0u8; 1];
+    let peeked = timeout_at(deadline, tcp.peek(&mut first))
+        .await
+        .map_err(|_| Failed::closed(SessionError::Timeout(Phase::Negotiation)))?
+        .map_err(|e| Failed::closed(SessionError::ClientIo(e)))?;
+    if peeked == 0 {
+        return Err(Failed::closed(SessionError::ClientEof("negotiation")));
+    }
+    if first[0] == TLS_HANDSHAKE_RECORD {
+        return match tls {
+            Some(config) => {
+                let stream = handshake(tcp, config, Path::DirectTls, deadline).await?;
+                read_inside_tls(stream, Path::DirectTls, deadline).await
+            }
+            // Without a certificate there is nothing to offer: close, as a
+            // PostgreSQL server without ssl does on a ClientHello.
+            None => Err(Failed::closed(SessionError::Protocol(
+                ProtocolError::Unexpected("direct TLS connection but TLS is not configured"),
+            ))),
+        };
+    }
+
+    let mut gss_seen = false;
+    let mut ssl_declined = false;
+    loop {
+        let packet = match timeout_at(deadline, read_packet(&mut tcp)).await {
+            Err(_) => return Err(Failed::closed(SessionError::Timeout(Phase::Negotiation))),
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(plain_failure(tcp, e)),
+        };
+        match packet {
+            Packet::GssEncRequest if !gss_seen => {
+                gss_seen = true;
+                write_plain(&mut tcp, b"N").await?;
+            }
+            Packet::SslRequest if !ssl_declined => {
+                // Refuse bytes that came with the SSLRequest, before `S`.
+                if has_buffered_bytes(&tcp)? {
+                    return Err(Failed {
+                        error: SessionError::EarlyData,
+                        stream: Some(MaybeTls::Plain(tcp)),
+                    });
+                }
+                let Some(config) = tls else {
+                    ssl_declined = true;
+                    write_plain(&mut tcp, b"N").await?;
+                    continue;
+                };
+                write_plain(&mut tcp, b"S").await?;
+                let stream = handshake(tcp, config, Path::SslRequest, deadline).await?;
+                return read_inside_tls(stream, Path::SslRequest, deadline).await;
+            }
+            Packet::GssEncRequest | Packet::SslRequest => {
+                return Err(Failed {
+                    error: ProtocolError::Unexpected("duplicate encryption request").into(),
+                    stream: Some(MaybeTls::Plain(tcp)),
+                })
+            }
+            Packet::Cancel(packet) => {
+                return Ok(Negotiated::Cancel {
+                    packet,
+                    path: Path::Plaintext,
+                })
+            }
+            Packet::Startup(startup) => {
+                let stream = MaybeTls::Plain(tcp);
+                if !allow_plaintext {
+                    return Err(Failed {
+                        error: SessionError::PlaintextRefused,
+                        stream: Some(stream),
+                    });
+                }
+                return Ok(Negotiated::Startup {
+                    stream,
+                    startup,
+                    path: Path::Plaintext,
+                });
+            }
+        }
+    }
+}
+
+fn plain_failure(tcp: TcpStream, e: ReadError) -> Failed {
+    let error = SessionError::from(e);
+    let stream = matches!(error, SessionError::Protocol(_)).then_some(MaybeTls::Plain(tcp));
+    Failed { error, stream }
+}
+
+async fn write_plain(tcp: &mut TcpStream, byte: &[u8]) -> Result<(), Failed> {
+    tcp.write_all(byte)
+        .await
+        .map_err(|e| Failed::closed(SessionError::ClientIo(e)))
+}
+
+/// True if the socket already holds bytes we have not read. Reading them
+/// consumes them, which is fine: the connection is refused either way.
+fn has_buffered_bytes(tcp: &TcpStream) -> Result<bool, Failed> {
+    let mut probe = [0u8; 1];
+    match tcp.try_read(&mut probe) {
+        Ok(0) => Err(Failed::closed(SessionError::ClientEof("negotiation"))),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(Failed::closed(SessionError::ClientIo(e))),
+    }
+}
+
+/// The TLS handshake on the raw socket. On the direct path a ClientHello
+/// without ALPN gets the no_application_protocol alert; a ClientHello
+/// offering ALPN without "postgresql" is refused by rustls the same way.
+async fn handshake(
+    tcp: TcpStream,
+    config: &Arc<ServerConfig>,
+    path: Path,
+    deadline: Instant,
+) -> Result<ClientStream, Failed> {
+    let timeout = || Failed::closed(SessionError::Timeout(Phase::TlsHandshake));
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let mut start = timeout_at(deadline, acceptor)
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|e| Failed::closed(SessionError::Tls(e)))?;
+    if path == Path::DirectTls && start.client_hello().alpn().is_none() {
+        let _ = start.io.write_all(&ALERT_NO_APPLICATION_PROTOCOL).await;
+        return Err(Failed::closed(SessionError::DirectTlsWithoutAlpn));
+    }
+    let stream = timeout_at(deadline, start.into_stream(config.clone()))
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|e| Failed::closed(SessionError::Tls(e)))?;
+    // rustls only selects a protocol we offered; on the direct path one must
+    // have been selected (an offer without it was refused above or by rustls).
+    if path == Path::DirectTls && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        return Err(Failed::closed(SessionError::DirectTlsWithoutAlpn));
+    }
+    Ok(MaybeTls::Tls(Box::new(stream)))
+}
+
+async fn read_inside_tls(
+    mut stream: ClientStream,
+    path: Path,
+    deadline: Instant,
+) -> Result<Negotiated, Failed> {
+    let packet = match timeout_at(deadline, read_packet(&mut stream)).await {
+        Err(_) => return Err(Failed::closed(SessionError::Timeout(Phase::Startup))),
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let error = SessionError::from(e);
+            let stream = matches!(error, SessionError::Protocol(_)).then_some(stream);
+            return Err(Failed { error, stream });
+        }
+    };
+    match packet {
+        Packet::SslRequest | Packet::GssEncRequest => Err(Failed {
+            error: ProtocolError::Unexpected("encryption request inside an encrypted session")
+                .into(),
+            stream: Some(stream),
+        }),
+        Packet::Cancel(packet) => Ok(Negotiated::Cancel { packet, path }),
+        Packet::Startup(startup) => Ok(Negotiated::Startup {
+            stream,
+            startup,
+            path,
+        }),
+    }
+}

@@ -1,0 +1,384 @@
+//! Wire framing for the phases the proxy must understand: pre-startup
+//! packets (length + code) and typed messages during authentication.
+//!
+//! Every message is split off by its length header, with a hard cap, before
+//! pgwire's decoders see it: those decoders are not hardened against
+//! malformed input (they can panic on short bodies). Nothing here reads
+//! more bytes from a socket than the message it was asked for, except
+//! [`MessageReader`], whose buffered surplus is handed to the relay.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use pgwire::messages::startup::{GssEncRequest, SslRequest, Startup};
+use pgwire::messages::{DecodeContext, Message};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest startup packet body PostgreSQL accepts
+/// (`MAX_STARTUP_PACKET_LENGTH`, src/include/libpq/pqcomm.h); the 4-byte
+/// length word itself is not counted, exactly as in `ProcessStartupPacket`.
+pub const MAX_STARTUP_PACKET_LENGTH: usize = 10_000;
+
+/// `CANCEL_REQUEST_CODE` (pqcomm.h): 1234 << 16 | 5678.
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+
+/// Largest message either side may send while authentication is relayed.
+/// PostgreSQL caps auth tokens at `PG_MAX_AUTH_TOKEN_LENGTH` (65535) and
+/// libpq caps non-data backend messages at 30000 bytes; round up.
+pub const MAX_AUTH_PHASE_MESSAGE: usize = 65_535 + 5;
+
+/// What arrived as a pre-startup packet.
+#[derive(Debug)]
+pub enum Packet {
+    SslRequest,
+    GssEncRequest,
+    /// The whole packet, length word included, for forwarding unchanged.
+    Cancel(Bytes),
+    Startup(StartupPacket),
+}
+
+/// A parsed StartupMessage plus the raw bytes it arrived as.
+#[derive(Debug)]
+pub struct StartupPacket {
+    pub raw: Bytes,
+    pub minor: u16,
+    pub message: Startup,
+}
+
+impl StartupPacket {
+    pub fn user(&self) -> Option<&str> {
+        self.message.parameters.get("user").map(String::as_str)
+    }
+
+    /// PostgreSQL defaults the database to the user name.
+    pub fn database(&self) -> Option<&str> {
+        self.message
+            .parameters
+            .get("database")
+            .or_else(|| self.message.parameters.get("user"))
+            .map(String::as_str)
+    }
+
+    /// `_pq_.` protocol options the client asked for (none are supported).
+    pub fn protocol_options(&self) -> Vec<String> {
+        self.message
+            .parameters
+            .keys()
+            .filter(|k| k.starts_with("_pq_."))
+            .cloned()
+            .collect()
+    }
+
+    /// The packet to send to a backend that speaks protocol 3.0: the raw
+    /// bytes when nothing needs negotiating, otherwise a 3.0 startup
+    /// without `_pq_.` options (what the client agreed to once we sent it
+    /// NegotiateProtocolVersion).
+    pub fn for_backend(&self) -> Result<Bytes, ProtocolError> {
+        let options = self.protocol_options();
+        if self.minor == 0 && options.is_empty() {
+            return Ok(self.raw.clone());
+        }
+        let mut msg = Startup::new();
+        msg.parameters = self.message.parameters.clone();
+        for key in options {
+            msg.parameters.remove(&key);
+        }
+        let mut buf = BytesMut::with_capacity(msg.message_length());
+        msg.encode(&mut buf)
+            .map_err(|_| ProtocolError::Malformed("startup packet"))?;
+        Ok(buf.freeze())
+    }
+}
+
+/// A frontend protocol error: always answered with SQLSTATE 08P01.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("invalid length of startup packet")]
+    StartupLength,
+    #[error("unsupported frontend protocol {0}.{1}: server supports 3.0 to 3.0")]
+    UnsupportedVersion(u16, u16),
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    #[error("invalid message length {0}")]
+    MessageLength(usize),
+    #[error("{0}")]
+    Unexpected(&'static str),
+}
+
+/// Errors reading a packet: the peer closed, I/O, or a protocol error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("peer closed the connection")]
+    Eof,
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ReadError::Eof
+        } else {
+            ReadError::Io(e)
+        }
+    }
+}
+
+/// Reads exactly one pre-startup packet and nothing more (cancel-safe only
+/// in the sense that dropping it drops the connection's framing: callers
+/// run it under a deadline and close on expiry).
+pub async fn read_packet<R: AsyncRead + Unpin>(io: &mut R) -> Result<Packet, ReadError> {
+    let len = io.read_i32().await? as i64;
+    let body_len = len - 4;
+    if body_len < 4 || body_len > MAX_STARTUP_PACKET_LENGTH as i64 {
+        return Err(ProtocolError::StartupLength.into());
+    }
+    let mut raw = BytesMut::with_capacity(len as usize);
+    raw.put_i32(len as i32);
+    raw.resize(len as usize, 0);
+    io.read_exact(&mut raw[4..]).await?;
+    parse_packet(raw)
+}
+
+/// Classifies a whole packet (length word included).
+pub fn parse_packet(raw: BytesMut) -> Result<Packet, ReadError> {
+    let code = (&raw[4..8]).get_i32();
+    let len = raw.len();
+    match code {
+        SslRequest::BODY_MAGIC_NUMBER if len == SslRequest::BODY_SIZE => Ok(Packet::SslRequest),
+        GssEncRequest::BODY_MAGIC_NUMBER if len == GssEncRequest::BODY_SIZE => {
+            Ok(Packet::GssEncRequest)
+        }
+        // Protocol 3.2 allows secrets up to 256 bytes; 3.0 uses 4.
+        CANCEL_REQUEST_CODE if (16..=12 + 256).contains(&len) => Ok(Packet::Cancel(raw.freeze())),
+        SslRequest::BODY_MAGIC_NUMBER | GssEncRequest::BODY_MAGIC_NUMBER | CANCEL_REQUEST_CODE => {
+            Err(ProtocolError::Malformed("negotiation request").into())
+        }
+        _ => parse_startup(raw),
+    }
+}
+
+fn parse_startup(raw: BytesMut) -> Result<Packet, ReadError> {
+    let major = (&raw[4..6]).get_u16();
+    let minor = (&raw[6..8]).get_u16();
+    if major != 3 {
+        return Err(ProtocolError::UnsupportedVersion(major, minor).into());
+    }
+    if !pairs_well_formed(&raw[8..]) {
+        return Err(ProtocolError::Malformed("startup packet").into());
+    }
+    let full_len = raw.len();
+    let mut body = raw.clone();
+    body.advance(4);
+    let message = Startup::decode_body(&mut body, full_len, &DecodeContext::default())
+        .map_err(|_| ProtocolError::Malformed("startup packet"))?;
+    Ok(Packet::Startup(StartupPacket {
+        raw: raw.freeze(),
+        minor,
+        message,
+    }))
+}
+
+/// Mirrors `ProcessStartupPacket`: name/value C strings, then one empty
+/// name as the packet's last byte ("expected terminator as last byte").
+fn pairs_well_formed(mut rest: &[u8]) -> bool {
+    loop {
+        match rest {
+            [0] => return true,
+            [] | [0, ..] => return false,
+            _ => {}
+        }
+        for _ in 0..2 {
+            match rest.iter().position(|&b| b == 0) {
+                Some(end) => rest = &rest[end + 1..],
+                None => return false,
+            }
+        }
+    }
+}
+
+/// Reads typed messages (`type` + `int32 length` + body) through a buffer.
+/// Whatever was read past the last returned message is kept and must be
+/// forwarded by whoever takes over the stream ([`MessageReader::into_buffer`]).
+pub struct MessageReader {
+    buf: BytesMut,
+    max_len: usize,
+}
+
+impl MessageReader {
+    pub fn new(max_len: usize) -> Self {
+        MessageReader {
+            buf: BytesMut::with_capacity(8 * 1024),
+            max_len,
+        }
+    }
+
+    /// Next whole message (header included). Not cancel-safe across a
+    /// partially read message only in that the partial bytes stay buffered,
+    /// which is what a retry wants.
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<Frame, ReadError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = (&self.buf[1..5]).get_i32();
+                if len < 4 || len as usize > self.max_len {
+                    return Err(ProtocolError::MessageLength(len.max(0) as usize).into());
+                }
+                let total = len as usize + 1;
+                if self.buf.len() >= total {
+                    let bytes = self.buf.split_to(total);
+                    return Ok(Frame { bytes });
+                }
+                self.buf.reserve(total - self.buf.len());
+            }
+            if io.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Eof);
+            }
+        }
+    }
+
+    /// Bytes read past the last message returned.
+    pub fn into_buffer(self) -> BytesMut {
+        self.buf
+    }
+}
+
+/// One typed message, header included.
+#[derive(Debug)]
+pub struct Frame {
+    pub bytes: BytesMut,
+}
+
+impl Frame {
+    pub fn tag(&self) -> u8 {
+        self.bytes[0]
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+
+    /// The code of an Authentication ('R') message.
+    pub fn auth_code(&self) -> Option<i32> {
+        (self.tag() == b'R' && self.body().len() >= 4).then(|| (&self.body()[..4]).get_i32())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_bytes(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&version.to_be_bytes());
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    #[tokio::test]
+    async fn reads_startup_and_nothing_more() {
+        let mut bytes = startup_bytes(196608, &[("user", "alice"), ("database", "db")]);
+        bytes.extend_from_slice(b"trailing");
+        let mut cursor = std::io::Cursor::new(bytes);
+        let Packet::Startup(s) = read_packet(&mut cursor).await.expect("startup") else {
+            panic!("not a startup")
+        };
+        assert_eq!(s.user(), Some("alice"));
+        assert_eq!(s.database(), Some("db"));
+        let mut rest = Vec::new();
+        cursor.read_to_end(&mut rest).await.expect("rest");
+        assert_eq!(rest, b"trailing");
+    }
+
+    #[tokio::test]
+    async fn oversized_and_tiny_lengths_refused() {
+        for len in [10_005i32, 7, -1] {
+            let mut cursor = std::io::Cursor::new(len.to_be_bytes().to_vec());
+            let err = read_packet(&mut cursor).await.unwrap_err();
+            assert!(
+                matches!(err, ReadError::Protocol(ProtocolError::StartupLength)),
+                "{len}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn classifies_requests() {
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let mut c = std::io::Cursor::new(ssl.to_vec());
+        assert!(matches!(read_packet(&mut c).await, Ok(Packet::SslRequest)));
+        let gss = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+        let mut c = std::io::Cursor::new(gss.to_vec());
+        assert!(matches!(
+            read_packet(&mut c).await,
+            Ok(Packet::GssEncRequest)
+        ));
+        let mut cancel = vec![0, 0, 0, 16];
+        cancel.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        cancel.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2]);
+        let mut c = std::io::Cursor::new(cancel);
+        assert!(matches!(read_packet(&mut c).await, Ok(Packet::Cancel(_))));
+    }
+
+    #[tokio::test]
+    async fn version_and_options() {
+        let mut c = std::io::Cursor::new(startup_bytes(2 << 16, &[("user", "a")]));
+        let err = read_packet(&mut c).await.unwrap_err();
+        assert!(matches!(
+            err,
+            ReadError::Protocol(ProtocolError::UnsupportedVersion(2, 0))
+        ));
+        let raw = startup_bytes(196610, &[("user", "a"), ("_pq_.x", "1")]);
+        let mut c = std::io::Cursor::new(raw);
+        let Ok(Packet::Startup(s)) = read_packet(&mut c).await else {
+            panic!()
+        };
+        assert_eq!(s.minor, 2);
+        assert_eq!(s.protocol_options(), vec!["_pq_.x".to_string()]);
+        let fwd = s.for_backend().expect("encode");
+        assert_eq!(&fwd[4..8], &196608i32.to_be_bytes());
+        assert!(!fwd.windows(5).any(|w| w == b"_pq_."));
+    }
+
+    #[tokio::test]
+    async fn malformed_startup_without_terminator() {
+        let mut raw = startup_bytes(196608, &[("user", "a")]);
+        raw.pop();
+        let len = raw.len() as i32;
+        raw[..4].copy_from_slice(&len.to_be_bytes());
+        let mut c = std::io::Cursor::new(raw);
+        assert!(matches!(
+            read_packet(&mut c).await,
+            Err(ReadError::Protocol(ProtocolError::Malformed(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn message_reader_keeps_surplus() {
+        let mut data = vec![b'Z', 0, 0, 0, 5, b'I'];
+        data.extend_from_slice(b"extra");
+        let mut c = std::io::Cursor::new(data);
+        let mut r = MessageReader::new(100);
+        let f = r.next(&mut c).await.expect("frame");
+        assert_eq!(f.tag(), b'Z');
+        assert_eq!(f.body(), b"I");
+        assert_eq!(&r.into_buffer()[..], b"extra");
+    }
+
+    #[tokio::test]
+    async fn message_reader_caps_length() {
+        let mut c = std::io::Cursor::new(vec![b'p', 0x7f, 0, 0, 0]);
+        let mut r = MessageReader::new(100);
+        assert!(matches!(
+            r.next(&mut c).await,
+            Err(ReadError::Protocol(ProtocolError::MessageLength(_)))
+        ));
+    }
+}

@@ -1,0 +1,79 @@
+//! The client-facing `ServerConfig`: built once from `[tls]`, validated
+//! (key matches certificate, leaf inside its validity period) before any
+//! port is bound.
+
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+
+use super::pem::{self, CertSummary, FileError};
+use super::{provider, ALPN_POSTGRESQL};
+use crate::config::{self, TlsVersion};
+
+/// Sessions kept for stateful resumption (TLS 1.2 ids and TLS 1.3 tickets
+/// when no ticketer is set); a few hundred bytes each.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+/// The server certificate as loaded, for summaries and metrics.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub leaf: CertSummary,
+    pub chain_len: usize,
+}
+
+/// Builds the server config from `[tls]`; `None` when TLS is not configured
+/// (only allowed with `tls.allow_plaintext`).
+pub fn build(tls: &config::Tls) -> Result<Option<ServerTls>, FileError> {
+    let (Some(cert_path), Some(key_path)) = (&tls.cert, &tls.key) else {
+        return Ok(None);
+    };
+    let chain = pem::certs("tls.cert", cert_path)?;
+    let key = pem::private_key("tls.key", key_path)?;
+    let leaf =
+        CertSummary::parse(&chain[0]).map_err(|r| FileError::new("tls.cert", cert_path, r))?;
+    let now = pem::unix_now();
+    if leaf.not_after < now {
+        return Err(FileError::new(
+            "tls.cert",
+            cert_path,
+            format!("certificate {} has expired", leaf.subject),
+        ));
+    }
+    if leaf.not_before > now {
+        return Err(FileError::new(
+            "tls.cert",
+            cert_path,
+            format!("certificate {} is not valid yet", leaf.subject),
+        ));
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let chain_len = chain.len();
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| FileError::new("tls.min_version", cert_path, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            let reason = match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    "the private key does not match the certificate in tls.cert".to_string()
+                }
+                other => other.to_string(),
+            };
+            FileError::new("tls.key", key_path, reason)
+        })?;
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| FileError::new("tls.cert", cert_path, e.to_string()))?;
+    // 0-RTT data is replayable: never accept it.
+    config.max_early_data_size = 0;
+    Ok(Some(ServerTls {
+        config: Arc::new(config),
+        leaf,
+        chain_len,
+    }))
+}
