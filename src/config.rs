@@ -204,7 +204,7 @@ impl Default for Log {
 /// A configuration error: always names the key, and the file when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error("{}", parse_text(.0))]
     Parse(Box<figment::Error>),
     #[error("config file {path}: {source}")]
     File {
@@ -217,6 +217,12 @@ pub enum ConfigError {
         reason: String,
         origin: Option<PathBuf>,
     },
+}
+
+/// figment names keys under its profile ("default.backend.x"); operators
+/// know them as "backend.x".
+fn parse_text(e: &figment::Error) -> String {
+    e.to_string().replace("key \"default.", "key \"")
 }
 
 impl Config {

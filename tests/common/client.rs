@@ -1,0 +1,178 @@
+//! Clients for tests: the real `psql` binary, tokio-postgres over rustls,
+//! and raw-socket probes that send exact bytes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{clear_pg_env, pg_bin, run};
+
+pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+pub const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+
+/// Runs real psql with a connection string; `Ok(stdout)` or `Err(stderr…)`.
+/// Blocking work runs on the blocking pool so the proxy keeps running.
+pub async fn psql(conn: &str, password: Option<&str>, sql: &str) -> Result<String, String> {
+    let conn = conn.to_string();
+    let password = password.map(str::to_string);
+    let sql = sql.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(pg_bin("psql"));
+        clear_pg_env(&mut cmd);
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.env("PGCONNECT_TIMEOUT", "20");
+        cmd.args([
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-c",
+            &sql,
+        ]);
+        run(&mut cmd).map(|out| out.trim_end_matches('\n').to_string())
+    })
+    .await
+    .expect("psql task")
+}
+
+/// A libpq connection string for a verify-full TLS session to the proxy.
+pub fn verify_full(port: u16, user: &str, root: &Path) -> String {
+    format!(
+        "host=localhost port={port} user={user} dbname=postgres sslmode=verify-full sslrootcert={}",
+        root.display()
+    )
+}
+
+pub fn roots(root: &Path) -> RootCertStore {
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).expect("read root") {
+        store.add(cert.expect("root PEM")).expect("add root");
+    }
+    store
+}
+
+/// A rustls client config trusting `root`, with the given ALPN offer.
+pub fn tls_client(root: &Path, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots(root))
+            .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// tokio-postgres over rustls (verify-full against `root`).
+pub async fn tokio_pg(
+    conn: &str,
+    root: &Path,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_client(root, &[])).clone());
+    let (client, connection) = tokio_postgres::connect(conn, tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// TLS over an already negotiated socket (after `S`, or direct).
+pub async fn tls_upgrade(
+    tcp: TcpStream,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
+/// A protocol 3.0 StartupMessage.
+pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+    startup_message_version(196608, params)
+}
+
+pub fn startup_message_version(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Reads one typed message: (tag, body).
+pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+    let tag = s.read_u8().await?;
+    let len = s.read_i32().await?;
+    let mut body = vec![0; (len as usize).saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// Reads messages until ReadyForQuery or ErrorResponse (inclusive).
+pub async fn read_until_ready<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<Vec<(u8, Vec<u8>)>> {
+    let mut out = Vec::new();
+    loop {
+        let (tag, body) = read_message(s).await?;
+        let end = tag == b'Z' || tag == b'E';
+        out.push((tag, body));
+        if end {
+            return Ok(out);
+        }
+    }
+}
+
+/// The fields of an ErrorResponse body by code: S, C (SQLSTATE), M, H, …
+pub fn error_fields(body: &[u8]) -> HashMap<char, String> {
+    body.split(|&b| b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| (f[0] as char, String::from_utf8_lossy(&f[1..]).into_owned()))
+        .collect()
+}
+
+/// Sends a startup and a simple query, returns the first DataRow's first
+/// column (the backend must trust the user).
+pub async fn startup_and_query<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    user: &str,
+    sql: &str,
+) -> String {
+    s.write_all(&startup_message(&[
+        ("user", user),
+        ("database", "postgres"),
+    ]))
+    .await
+    .expect("send startup");
+    let msgs = read_until_ready(s).await.expect("startup answer");
+    let last = msgs.last().expect("messages");
+    assert_eq!(last.0, b'Z', "startup failed: {:?}", error_fields(&last.1));
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    s.write_all(&q).await.expect("send query");
+    let msgs = read_until_ready(s).await.expect("query answer");
+    let row = msgs.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
+    let len = i32::from_be_bytes([row.1[2], row.1[3], row.1[4], row.1[5]]) as usize;
+    String::from_utf8_lossy(&row.1[6..6 + len]).into_owned()
+}

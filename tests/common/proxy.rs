@@ -1,0 +1,88 @@
+//! The proxy, started in-process on 127.0.0.1:0 through `app::start`, the
+//! same path `main` takes. Each proxy has its own metrics registry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pg_tls_proxy::app::{self, DrainReport, Handle};
+use pg_tls_proxy::config::{Config, SslMode};
+use prometheus::Registry;
+
+use super::pki::Pki;
+
+/// A config for tests: client TLS from `pki`, plaintext backend at `backend`.
+pub fn config(pki: &Pki, backend: &str) -> Config {
+    let mut c = Config::default();
+    c.listen.address = "127.0.0.1:0".into();
+    c.tls.cert = Some(pki.server_chain.clone());
+    c.tls.key = Some(pki.server_key.clone());
+    c.backend.address = backend.into();
+    c.backend.connect_timeout = Duration::from_secs(5);
+    c.shutdown.grace_period = Duration::from_secs(5);
+    c
+}
+
+/// Sets a TLS backend link.
+pub fn backend_tls(c: &mut Config, mode: SslMode, root: Option<PathBuf>) {
+    c.backend.sslmode = mode;
+    c.backend.sslrootcert = root;
+}
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub registry: Registry,
+    handle: Option<Handle>,
+}
+
+impl TestProxy {
+    pub async fn start(config: Config) -> TestProxy {
+        config.validate(None).expect("test config is valid");
+        let registry = Registry::new();
+        let handle = app::start(config, &registry).await.expect("proxy starts");
+        TestProxy {
+            addr: handle.local_addr(),
+            registry,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn handle(&self) -> &Handle {
+        self.handle.as_ref().expect("running")
+    }
+
+    /// Graceful shutdown, as SIGTERM does.
+    pub async fn shutdown(mut self) -> DrainReport {
+        self.handle.take().expect("running").shutdown().await
+    }
+
+    /// The value of one series in the Prometheus text output, e.g.
+    /// `pgtls_negotiations_total{path="sslrequest"}` (0 if absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encode metrics");
+        let text = String::from_utf8(out).expect("utf-8 metrics");
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            // Best effort: close listeners and sessions without waiting.
+            tokio::spawn(handle.abort());
+        }
+    }
+}
