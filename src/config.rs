@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// Whole configuration. The top-level tables (`listen`, `tls`, `backend`)
 /// describe one listener and one backend; later several can be added as
 /// arrays of tables without renaming these keys.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: Listen,
@@ -127,19 +127,6 @@ pub struct Log {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: Listen::default(),
-            tls: Tls::default(),
-            backend: Backend::default(),
-            limits: Limits::default(),
-            shutdown: Shutdown::default(),
-            log: Log::default(),
-        }
-    }
 }
 
 impl Default for Listen {
@@ -320,14 +307,14 @@ mod tests {
 
     #[test]
     fn defaults_need_a_certificate() {
-        let err = Config::from_toml("").unwrap_err().to_string();
+        let err = Config::from_toml("").expect_err("must fail").to_string();
         assert!(err.contains("tls.cert"), "{err}");
     }
 
     #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[backend]\nadress = \"x:1\"\n")
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string();
         assert!(err.contains("adress"), "{err}");
     }
@@ -346,7 +333,7 @@ mod tests {
     fn verify_full_requires_root() {
         let err =
             Config::from_toml("[tls]\nallow_plaintext=true\n[backend]\nsslmode='verify-full'\n")
-                .unwrap_err()
+                .expect_err("must fail")
                 .to_string();
         assert!(err.contains("backend.sslrootcert"), "{err}");
     }

@@ -301,7 +301,7 @@ mod tests {
     async fn oversized_and_tiny_lengths_refused() {
         for len in [10_005i32, 7, -1] {
             let mut cursor = std::io::Cursor::new(len.to_be_bytes().to_vec());
-            let err = read_packet(&mut cursor).await.unwrap_err();
+            let err = read_packet(&mut cursor).await.expect_err("must fail");
             assert!(
                 matches!(err, ReadError::Protocol(ProtocolError::StartupLength)),
                 "{len}"
@@ -330,7 +330,7 @@ mod tests {
     #[tokio::test]
     async fn version_and_options() {
         let mut c = std::io::Cursor::new(startup_bytes(2 << 16, &[("user", "a")]));
-        let err = read_packet(&mut c).await.unwrap_err();
+        let err = read_packet(&mut c).await.expect_err("must fail");
         assert!(matches!(
             err,
             ReadError::Protocol(ProtocolError::UnsupportedVersion(2, 0))
