@@ -5,6 +5,7 @@
 //! Everything that can fail because of a file or a key fails in
 //! [`prepare`], before any port is bound.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backend::login::Secret;
 use crate::backend::Connector;
-use crate::config::{Config, ConfigError};
+use crate::config::{ClientAuthMode, Config, ConfigError};
+use crate::rolemap::{RoleMap, RuleError};
+use crate::tls::client_auth::CrlSummary;
 use crate::metrics::Metrics;
 use crate::tls::pem::{CertSummary, FileError};
 use crate::{session, tls};
@@ -27,6 +31,9 @@ use crate::{session, tls};
 /// State every session reads; built once at start-up.
 pub struct Shared {
     pub tls: Option<Arc<ServerConfig>>,
+    pub client_auth: ClientAuthMode,
+    pub rolemap: RoleMap,
+    pub credentials: HashMap<String, Secret>,
     pub allow_plaintext: bool,
     pub connector: Connector,
     pub handshake_timeout: Duration,
@@ -39,6 +46,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     File(#[from] FileError),
+    #[error("{0}")]
+    Rules(#[from] RuleError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen on {address} (listen.address): {source}")]
@@ -65,19 +74,27 @@ pub struct Prepared {
     pub shared: Arc<Shared>,
     pub server_cert: Option<CertSummary>,
     pub server_chain_len: usize,
+    pub client_cas: Vec<CertSummary>,
+    pub client_crls: Vec<CrlSummary>,
 }
 
 /// Loads every file the config names and checks it; binds nothing.
 pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartError> {
-    let server = tls::server::build(&config.tls)?;
+    let server = tls::server::build(&config.tls, &config.client_auth)?;
     let connector = Connector::new(&config.backend)?;
+    let rolemap = RoleMap::compile(&config.rules)?;
+    let credentials = load_credentials(&config)?;
     let metrics = Metrics::new(registry)?;
-    let (tls, server_cert, server_chain_len) = match server {
-        Some(s) => (Some(s.config), Some(s.leaf), s.chain_len),
-        None => (None, None, 0),
+    let (tls, server_cert, server_chain_len, client_setup) = match server {
+        Some(s) => (Some(s.config), Some(s.leaf), s.chain_len, s.client_auth),
+        None => (None, None, 0, None),
     };
+    let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
     let shared = Arc::new(Shared {
         tls,
+        client_auth: config.client_auth.effective_mode(),
+        rolemap,
+        credentials,
         allow_plaintext: config.tls.allow_plaintext,
         connector,
         handshake_timeout: config.limits.handshake_timeout,
@@ -88,7 +105,33 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         shared,
         server_cert,
         server_chain_len,
+        client_cas,
+        client_crls,
     })
+}
+
+/// Reads `[backend.credentials]` secrets from their files or variables.
+fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartError> {
+    let mut out = HashMap::new();
+    for (role, c) in &config.backend.credentials {
+        let value = match (&c.password_file, &c.password_env) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| {
+                    FileError::new("backend.credentials", path, format!("{role}: cannot read: {e}"))
+                })?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                StartError::Config(ConfigError::Invalid {
+                    key: "backend.credentials",
+                    reason: format!("{role}: environment variable {var} is not set"),
+                    origin: None,
+                })
+            })?,
+            (None, None) => continue,
+        };
+        out.insert(role.clone(), Secret::new(value));
+    }
+    Ok(out)
 }
 
 /// A running proxy.

@@ -22,9 +22,112 @@ pub struct Config {
     pub listen: Listen,
     pub tls: Tls,
     pub backend: Backend,
+    pub client_auth: ClientAuth,
+    /// Ordered certificate-identity → role rules (`[[rules]]`).
+    pub rules: Vec<RuleConfig>,
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAuth {
+    /// none | optional | required; unset with `ca` given means required.
+    pub mode: Option<ClientAuthMode>,
+    /// PEM bundles of CAs that sign client certificates (roots, optionally
+    /// intermediates).
+    #[serde(deserialize_with = "one_or_many")]
+    pub ca: Vec<PathBuf>,
+    /// PEM CRL files; revoked client certificates are refused.
+    #[serde(deserialize_with = "one_or_many")]
+    pub crl: Vec<PathBuf>,
+    /// Which certificates need revocation status: "chain" (every issuer
+    /// needs a CRL, as PostgreSQL's whole-chain check) or "leaf".
+    pub crl_check: CrlCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlCheck {
+    #[default]
+    Chain,
+    Leaf,
+}
+
+impl ClientAuth {
+    /// The effective mode: `ca` without `mode` means required.
+    pub fn effective_mode(&self) -> ClientAuthMode {
+        match self.mode {
+            Some(m) => m,
+            None if !self.ca.is_empty() => ClientAuthMode::Required,
+            None => ClientAuthMode::None,
+        }
+    }
+}
+
+/// One `[[rules]]` entry; see [`crate::rolemap`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub identity: crate::identity::IdentityKind,
+    /// Regex, anchored at both ends.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Exact, case-sensitive value.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Role templates; `\1`..`\9` are the pattern's capture groups.
+    pub roles: Vec<String>,
+    /// Allowed databases; absent means any.
+    #[serde(default)]
+    pub databases: Option<Vec<String>>,
+    #[serde(default)]
+    pub backend_auth: BackendAuth,
+}
+
+/// How the proxy logs into the backend for a certificate-authenticated client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendAuth {
+    /// The backend's own authentication runs, relayed to the client.
+    #[default]
+    Passthrough,
+    /// The certificate is the authentication: the proxy logs in as the
+    /// role itself (backend mTLS or `[backend.credentials]`).
+    Proxy,
+}
+
+/// A secret for proxy-authenticated backend logins: read from a file or
+/// an environment variable at start-up, never written inline in config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +176,8 @@ pub struct Backend {
     pub server_name: Option<String>,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Per-role secrets for `backend_auth = "proxy"` rules, by role name.
+    pub credentials: std::collections::BTreeMap<String, Credential>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +263,7 @@ impl Default for Backend {
             sslkey: None,
             server_name: None,
             connect_timeout: Duration::from_secs(5),
+            credentials: Default::default(),
         }
     }
 }
@@ -288,6 +394,37 @@ impl Config {
                 "backend.sslcert and backend.sslkey must be given together",
             ));
         }
+        let ca = &self.client_auth;
+        match ca.effective_mode() {
+            ClientAuthMode::None if !self.rules.is_empty() => {
+                return Err(invalid(
+                    "client_auth.mode",
+                    "[[rules]] are given but client certificates are not requested; set client_auth.mode and client_auth.ca",
+                ))
+            }
+            ClientAuthMode::None if !ca.crl.is_empty() => {
+                return Err(invalid("client_auth.crl", "is set but client_auth.mode is none"))
+            }
+            ClientAuthMode::Optional | ClientAuthMode::Required if ca.ca.is_empty() => {
+                return Err(invalid(
+                    "client_auth.ca",
+                    "is required when client_auth.mode is optional or required",
+                ))
+            }
+            _ => {}
+        }
+        if (ca.effective_mode() != ClientAuthMode::None) && self.tls.cert.is_none() {
+            return Err(invalid("tls.cert", "client certificates need TLS: set tls.cert and tls.key"));
+        }
+        for (role, c) in &b.credentials {
+            if c.password_file.is_some() == c.password_env.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "backend.credentials",
+                    reason: format!("{role}: give exactly one of password_file or password_env"),
+                    origin: origin.map(Path::to_path_buf),
+                });
+            }
+        }
         if self.limits.handshake_timeout.is_zero() {
             return Err(invalid(
                 "limits.handshake_timeout",
@@ -327,6 +464,25 @@ mod tests {
         .expect("valid");
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
         assert_eq!(c.backend.sslmode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn client_auth_modes() {
+        let base = "[tls]\ncert='a'\nkey='b'\n";
+        let c = Config::from_toml(&format!("{base}[client_auth]\nca='ca.pem'\n")).expect("valid");
+        assert_eq!(c.client_auth.effective_mode(), ClientAuthMode::Required);
+        assert_eq!(c.client_auth.ca, vec![PathBuf::from("ca.pem")]);
+        let c = Config::from_toml(&format!("{base}[client_auth]\nmode='optional'\nca=['a.pem','b.pem']\n"))
+            .expect("valid");
+        assert_eq!(c.client_auth.ca.len(), 2);
+        let err = Config::from_toml(&format!("{base}[client_auth]\nmode='required'\n"))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("client_auth.ca"), "{err}");
+        let err = Config::from_toml(&format!("{base}[[rules]]\nidentity='cn'\nexact='a'\nroles=['a']\n"))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("client_auth.mode"), "{err}");
     }
 
     #[test]

@@ -71,6 +71,22 @@ pub enum SessionError {
     ChannelBindingThroughTls,
     #[error("too many connections")]
     TooManyConnections,
+    #[error("no client certificate, and client_auth.mode is required")]
+    ClientCertRequired,
+    #[error("unreadable client certificate: {0}")]
+    BadClientCertificate(String),
+    #[error("certificate {identity:?} denied for role {user:?}, database {database:?}: {}", reason.as_str())]
+    RoleDenied {
+        identity: String,
+        user: String,
+        database: String,
+        reason: crate::rolemap::DenyReason,
+    },
+    #[error("proxy login as {user:?} failed: {source}")]
+    ProxyLogin {
+        user: String,
+        source: crate::backend::login::LoginError,
+    },
 }
 
 impl From<ReadError> for SessionError {
@@ -142,6 +158,10 @@ impl SessionError {
             SessionError::Backend(_) => "backend",
             SessionError::ChannelBindingThroughTls => "channel_binding",
             SessionError::TooManyConnections => "limit",
+            SessionError::ClientCertRequired => "no_client_cert",
+            SessionError::BadClientCertificate(_) => "bad_certificate",
+            SessionError::RoleDenied { .. } => "role_denied",
+            SessionError::ProxyLogin { .. } => "proxy_login",
         }
     }
 
@@ -187,6 +207,43 @@ impl SessionError {
                 TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already",
             ),
+            SessionError::ClientCertRequired => ClientError::fatal(
+                INVALID_AUTHORIZATION,
+                "connection requires a valid client certificate",
+            ),
+            SessionError::BadClientCertificate(_) => ClientError::fatal(
+                INVALID_AUTHORIZATION,
+                "the client certificate cannot be read",
+            ),
+            SessionError::RoleDenied {
+                identity,
+                user,
+                database,
+                reason,
+            } => match reason {
+                crate::rolemap::DenyReason::DatabaseNotAllowed => ClientError::fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("certificate \"{identity}\" is not allowed to connect to database \"{database}\" as role \"{user}\""),
+                ),
+                _ => ClientError::fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("certificate \"{identity}\" is not allowed to connect as role \"{user}\""),
+                ),
+            },
+            SessionError::ProxyLogin { user, source } => {
+                use crate::backend::login::LoginError as L;
+                match source {
+                    L::Closed | L::Io(_) => ClientError::fatal(
+                        CONNECTION_FAILURE,
+                        "pg-tls-proxy lost the PostgreSQL server while logging in",
+                    ),
+                    _ => ClientError::fatal(
+                        INVALID_AUTHORIZATION,
+                        format!("pg-tls-proxy could not log in to the PostgreSQL server as role \"{user}\""),
+                    )
+                    .with_hint("The proxy's operator can see why in its log."),
+                }
+            }
         })
     }
 }

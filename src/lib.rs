@@ -10,24 +10,32 @@
 //! - [`protocol`]: length-capped framing of startup packets and messages.
 //! - [`tls`]: PEM loading and the client-facing rustls `ServerConfig`.
 //! - [`backend`]: backend links and their TLS modes (libpq's sslmode).
+//! - [`identity`]: verified client certificate → identities (pure).
+//! - [`rolemap`]: (identities, user, database) → allow/deny (pure).
+//! - [`authorize`]: the per-startup access decision, logged and counted.
 //! - [`startup`]: the relayed authentication exchange and its one guard
 //!   (SCRAM channel binding through a TLS backend link).
 //! - [`relay`]: the byte copy after authentication.
 //! - [`error`]: error kinds and what a client may see (SQLSTATE + text).
 //! - [`metrics`]: Prometheus metrics on a registry passed down.
+//! - [`explain`]: the offline "why was I refused?" report.
 //! - [`devcerts`]: throwaway development certificates.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
 pub mod app;
+pub mod authorize;
 pub mod backend;
 pub mod config;
 pub mod devcerts;
 pub mod error;
+pub mod explain;
+pub mod identity;
 pub mod metrics;
 pub mod negotiate;
 pub mod protocol;
 pub mod relay;
+pub mod rolemap;
 pub mod session;
 pub mod startup;
 pub mod stream;

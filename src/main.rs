@@ -28,6 +28,18 @@ struct Cli {
 enum Command {
     /// Validate the configuration and every file it names, print a summary.
     Check,
+    /// Explain what the proxy would decide for a client certificate.
+    Explain {
+        /// The client certificate (PEM; leaf first, then any intermediates).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The role the client would ask for.
+        #[arg(long)]
+        user: Option<String>,
+        /// The database (default: the user name, as PostgreSQL).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Write a throwaway CA, server and client certificates (development only).
     DevCerts {
         /// Output directory.
@@ -53,6 +65,11 @@ fn main() -> ExitCode {
             clients,
         }) => dev_certs(out, hosts, clients),
         Some(Command::Check) => check(cli.config),
+        Some(Command::Explain {
+            cert,
+            user,
+            database,
+        }) => explain(cli.config, cert, user, database),
         None => run(cli.config),
     }
 }
@@ -97,6 +114,21 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         }
     );
     println!("tls.allow_plaintext {}", c.tls.allow_plaintext);
+    let mode = match c.client_auth.effective_mode() {
+        pg_tls_proxy::config::ClientAuthMode::None => "none",
+        pg_tls_proxy::config::ClientAuthMode::Optional => "optional",
+        pg_tls_proxy::config::ClientAuthMode::Required => "required",
+    };
+    println!("client_auth.mode    {mode}");
+    let now = unix_now();
+    for ca in &prepared.client_cas {
+        println!("client_auth.ca      {} (expires in {} days)", ca.subject, ca.days_left(now));
+    }
+    for crl in &prepared.client_crls {
+        let state = if crl.is_stale(now) { "STALE: past next_update" } else { "current" };
+        println!("client_auth.crl     {} ({state})", crl.path.display());
+    }
+    println!("rules               {}", c.rules.len());
     println!("backend.address     {}", c.backend.address);
     println!("backend.sslmode     {}", c.backend.sslmode.as_str());
     println!(
@@ -108,6 +140,29 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
+}
+
+fn explain(config: Option<PathBuf>, cert: PathBuf, user: Option<String>, database: Option<String>) -> ExitCode {
+    let config = match Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pg-tls-proxy: configuration error: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match pg_tls_proxy::explain::explain(&config, &cert, user.as_deref(), database.as_deref()) {
+        Ok(report) => {
+            print!("{}", report.text);
+            match report.allowed {
+                Some(false) => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("pg-tls-proxy explain: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    }
 }
 
 fn dev_certs(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> ExitCode {

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub negotiations: IntCounterVec,
     pub backend_connects: IntCounterVec,
     pub bytes_relayed: IntCounterVec,
+    pub role_decisions: IntCounterVec,
+    pub backend_logins: IntCounterVec,
 }
 
 impl Metrics {
@@ -58,6 +60,16 @@ impl Metrics {
                 "pgtls_relayed_bytes_total",
                 "Bytes relayed after authentication, by direction.",
                 &["direction"],
+            )?,
+            role_decisions: vec(
+                "pgtls_role_decisions_total",
+                "Certificate-to-role decisions, by decision, reason and identity kind.",
+                &["decision", "reason", "identity_kind"],
+            )?,
+            backend_logins: vec(
+                "pgtls_backend_logins_total",
+                "Proxy-authenticated backend logins, by method and result.",
+                &["method", "result"],
             )?,
         })
     }

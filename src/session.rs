@@ -20,6 +20,10 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::app::Shared;
+use crate::authorize::{authorize, Access};
+use crate::backend::login::{self, LoginError};
+use crate::config::BackendAuth;
+use crate::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 use crate::error::{Phase, SessionError};
 use crate::negotiate::{negotiate, Failed, Negotiated, Path};
 use crate::protocol::StartupPacket;
@@ -162,75 +166,117 @@ async fn session(
     span.record("user", user.as_str());
     span.record("database", database.as_str());
     span.record("path", path.as_str());
+    let access = match authorize(shared, &client, &user, &database) {
+        Ok(a) => a,
+        Err(e) => return fail(e, client),
+    };
     let to_backend = match startup.for_backend() {
         Ok(bytes) => bytes,
         Err(e) => return fail(e.into(), client),
     };
-    let mut backend = match timeout_at(deadline, shared.connector.connect()).await {
-        Err(_) => {
-            shared
-                .metrics
-                .backend_connects
-                .with_label_values(&["timeout"])
-                .inc();
-            return fail(SessionError::Timeout(Phase::BackendConnect), client);
-        }
-        Ok(Err(e)) => {
-            shared
-                .metrics
-                .backend_connects
-                .with_label_values(&[e.kind()])
-                .inc();
-            return fail(e.into(), client);
-        }
-        Ok(Ok(b)) => b,
+    let mut backend = match connect_backend(shared, deadline).await {
+        Ok(b) => b,
+        Err(e) => return fail(e, client),
     };
-    shared
-        .metrics
-        .backend_connects
-        .with_label_values(&["ok"])
-        .inc();
-    if let Err(e) = negotiate_version(&mut client, &startup).await {
-        return Err(Failed {
-            error: e,
-            stream: None,
-        });
+    if let Err(error) = negotiate_version(&mut client, &startup).await {
+        return Err(Failed { error, stream: None });
     }
     if let Err(e) = backend.write_all(&to_backend).await {
-        let e = crate::backend::BackendError::Io {
-            address: shared.connector.address().to_string(),
-            source: e,
-        };
-        return fail(e.into(), client);
+        return fail(backend_io(shared, e), client);
+    }
+    let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
+    if let Access::Certificate {
+        backend_auth: BackendAuth::Proxy,
+        ..
+    } = access
+    {
+        match proxy_login(shared, &mut from_backend, &mut backend, &user).await {
+            Ok(()) => {
+                if let Err(e) = client.write_all(&AUTHENTICATION_OK).await {
+                    return Err(Failed {
+                        error: SessionError::ClientIo(e),
+                        stream: None,
+                    });
+                }
+            }
+            Err(LoginError::Refused(frame)) => {
+                let _ = client.write_all(&frame).await;
+                return Ok("backend_eof");
+            }
+            Err(source) => {
+                warn!("proxy login failed: {source}");
+                let error = SessionError::ProxyLogin { user, source };
+                return fail(error, client);
+            }
+        }
     }
     let backend_tls = backend.is_tls();
-    let (client_surplus, backend_surplus) =
-        match relay_authentication(&mut client, &mut backend, backend_tls).await {
-            Ok(Outcome::Ready {
-                client_surplus,
-                backend_surplus,
-            }) => (client_surplus, backend_surplus),
-            Ok(Outcome::BackendClosed) => return Ok("backend_eof"),
-            Ok(Outcome::ClientClosed) => return Ok("client_eof"),
-            Err(ExchangeError::Session(e)) => return fail(e, client),
-            Err(e) => {
-                warn!("authentication relay failed: {e}");
-                return fail(
-                    crate::backend::BackendError::Io {
-                        address: shared.connector.address().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    }
-                    .into(),
-                    client,
-                );
-            }
-        };
+    let outcome = relay_authentication(&mut client, &mut backend, from_backend, backend_tls).await;
+    let (client_surplus, backend_surplus) = match outcome {
+        Ok(Outcome::Ready {
+            client_surplus,
+            backend_surplus,
+        }) => (client_surplus, backend_surplus),
+        Ok(Outcome::BackendClosed) => return Ok("backend_eof"),
+        Ok(Outcome::ClientClosed) => return Ok("client_eof"),
+        Err(ExchangeError::Session(e)) => return fail(e, client),
+        Err(e) => {
+            warn!("authentication relay failed: {e}");
+            return fail(backend_io(shared, std::io::Error::other(e.to_string())), client);
+        }
+    };
     info!(
         backend = shared.connector.address(),
         sslmode = shared.connector.sslmode().as_str(),
         "session established"
     );
     Ok(relay_session(client, backend, client_surplus, backend_surplus, shared).await)
+}
+
+/// AuthenticationOk, sent by the proxy after it logged in on the client's
+/// behalf.
+const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+
+fn backend_io(shared: &Shared, source: std::io::Error) -> SessionError {
+    crate::backend::BackendError::Io {
+        address: shared.connector.address().to_string(),
+        source,
+    }
+    .into()
+}
+
+async fn connect_backend(shared: &Shared, deadline: Instant) -> Result<BackendStream, SessionError> {
+    let result = timeout_at(deadline, shared.connector.connect()).await;
+    let label = match &result {
+        Err(_) => "timeout",
+        Ok(Err(e)) => e.kind(),
+        Ok(Ok(_)) => "ok",
+    };
+    shared.metrics.backend_connects.with_label_values(&[label]).inc();
+    match result {
+        Err(_) => Err(SessionError::Timeout(Phase::BackendConnect)),
+        Ok(r) => r.map_err(SessionError::from),
+    }
+}
+
+async fn proxy_login(
+    shared: &Shared,
+    reader: &mut MessageReader,
+    backend: &mut BackendStream,
+    user: &str,
+) -> Result<(), LoginError> {
+    let end_point = backend.peer_leaf().map(login::tls_server_end_point);
+    let secret = shared.credentials.get(user);
+    let result = login::login(reader, backend, user, secret, end_point).await;
+    let logins = &shared.metrics.backend_logins;
+    match &result {
+        Ok(method) => {
+            logins.with_label_values(&[method.as_str(), "ok"]).inc();
+            info!(method = method.as_str(), "proxy logged in to the backend");
+        }
+        Err(_) => logins.with_label_values(&["unknown", "failed"]).inc(),
+    }
+    result.map(|_| ())
 }
 
 /// Sends NegotiateProtocolVersion when the client asked for a minor

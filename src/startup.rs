@@ -51,16 +51,19 @@ pub enum ExchangeError {
     BackendProtocol(ProtocolError),
 }
 
+/// Relays from the backend's first authentication message (or, after a
+/// proxy login, from what follows AuthenticationOk) to ReadyForQuery.
+/// `from_backend` carries whatever a previous reader had buffered.
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
+    mut from_backend: MessageReader,
     backend_tls: bool,
 ) -> Result<Outcome, ExchangeError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
     let mut from_client = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
     let mut plus_offered = false;
     loop {

@@ -81,3 +81,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+impl ClientStream {
+    /// The client's verified leaf certificate (DER), if it sent one.
+    pub fn peer_leaf(&self) -> Option<&[u8]> {
+        match self {
+            MaybeTls::Plain(_) => None,
+            MaybeTls::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
+        }
+    }
+}
+
+impl BackendStream {
+    /// The backend's leaf certificate (DER) on a TLS link.
+    pub fn peer_leaf(&self) -> Option<&[u8]> {
+        match self {
+            MaybeTls::Plain(_) => None,
+            MaybeTls::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
+        }
+    }
+}

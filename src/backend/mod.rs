@@ -5,6 +5,7 @@
 //! any byte after the server's `S` and before its TLS handshake aborts the
 //! link ("received unencrypted data after SSL response").
 
+pub mod login;
 pub mod tls;
 
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 //! Everything here runs at start-up (and, later, at reload), never per
 //! connection: a `ServerConfig` is built once and shared by `Arc`.
 
+pub mod client_auth;
 pub mod pem;
 pub mod server;
 

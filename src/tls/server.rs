@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 
+use super::client_auth::{self, ClientAuthSetup};
 use super::pem::{self, CertSummary, FileError};
 use super::{provider, ALPN_POSTGRESQL};
 use crate::config::{self, TlsVersion};
@@ -19,11 +20,12 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     pub leaf: CertSummary,
     pub chain_len: usize,
+    pub client_auth: Option<ClientAuthSetup>,
 }
 
 /// Builds the server config from `[tls]`; `None` when TLS is not configured
 /// (only allowed with `tls.allow_plaintext`).
-pub fn build(tls: &config::Tls) -> Result<Option<ServerTls>, FileError> {
+pub fn build(tls: &config::Tls, client: &config::ClientAuth) -> Result<Option<ServerTls>, FileError> {
     let (Some(cert_path), Some(key_path)) = (&tls.cert, &tls.key) else {
         return Ok(None);
     };
@@ -51,10 +53,15 @@ pub fn build(tls: &config::Tls) -> Result<Option<ServerTls>, FileError> {
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
     let chain_len = chain.len();
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let client_auth = client_auth::build(client)?;
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|e| FileError::new("tls.min_version", cert_path, e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| FileError::new("tls.min_version", cert_path, e.to_string()))?;
+    let builder = match &client_auth {
+        Some(setup) => builder.with_client_cert_verifier(setup.verifier.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| {
             let reason = match e {
@@ -75,5 +82,6 @@ pub fn build(tls: &config::Tls) -> Result<Option<ServerTls>, FileError> {
         config: Arc::new(config),
         leaf,
         chain_len,
+        client_auth,
     }))
 }

@@ -1,0 +1,131 @@
+//! `pg-tls-proxy explain`: answers "why was I refused?" for one client
+//! certificate, offline, with the same code the proxy runs: identities,
+//! chain verification against `[client_auth]`, each rule in order, and the
+//! final decision.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use rustls_pki_types::UnixTime;
+
+use crate::config::{ClientAuthMode, Config};
+use crate::identity::Identity;
+use crate::rolemap::{Decision, RoleMap};
+use crate::tls::client_auth;
+use crate::tls::pem::{self, CertSummary, FileError};
+
+/// The report, and whether the startup would be allowed.
+pub struct Explained {
+    pub text: String,
+    pub allowed: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Rules(#[from] crate::rolemap::RuleError),
+}
+
+pub fn explain(
+    config: &Config,
+    cert: &Path,
+    user: Option<&str>,
+    database: Option<&str>,
+) -> Result<Explained, ExplainError> {
+    let chain = pem::certs("--cert", cert)?;
+    let leaf = &chain[0];
+    let summary = CertSummary::parse(leaf).map_err(|r| FileError::new("--cert", cert, r))?;
+    let identity = Identity::from_der(leaf.as_ref()).map_err(|e| FileError::new("--cert", cert, e.to_string()))?;
+    let rules = RoleMap::compile(&config.rules)?;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "certificate {}", cert.display());
+    let _ = writeln!(w, "  subject {}", summary.subject);
+    let _ = writeln!(w, "  issuer  {}", summary.issuer);
+    let _ = writeln!(w, "  expires in {} days", summary.days_left(pem::unix_now()));
+    let _ = writeln!(w, "identities:");
+    let _ = write!(w, "{identity}");
+
+    let _ = write!(w, "chain: ");
+    match client_auth::build(&config.client_auth)? {
+        None => {
+            let _ = writeln!(w, "not checked: client_auth.mode is none (the proxy does not ask for certificates)");
+        }
+        Some(setup) => {
+            let mode = match config.client_auth.effective_mode() {
+                ClientAuthMode::Required => "required",
+                _ => "optional",
+            };
+            match setup.verifier.verify_client_cert(leaf, &chain[1..], UnixTime::now()) {
+                Ok(_) => {
+                    let _ = writeln!(
+                        w,
+                        "verified against client_auth.ca ({} CA certificate(s), {} CRL(s)); mode {mode}",
+                        setup.cas.len(),
+                        setup.crls.len()
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(w, "REJECTED: {e} (the TLS handshake would fail before any rule runs)");
+                }
+            }
+            for crl in setup.crls.iter().filter(|c| c.is_stale(pem::unix_now())) {
+                let _ = writeln!(w, "  warning: CRL {} is past its next_update", crl.path.display());
+            }
+        }
+    }
+
+    let database = database.or(user);
+    let _ = writeln!(
+        w,
+        "rules (user {}, database {}):",
+        user.map_or("(not given)".to_string(), |u| format!("\"{u}\"")),
+        database.map_or("(not given)".to_string(), |d| format!("\"{d}\""))
+    );
+    let trace = rules.explain(&identity, user.unwrap_or(""), database.unwrap_or(""));
+    for (t, rule) in trace.iter().zip(&config.rules) {
+        let matcher = match (&rule.pattern, &rule.exact) {
+            (Some(p), _) => format!("pattern '{p}'"),
+            (_, Some(e)) => format!("exact \"{e}\""),
+            _ => String::new(),
+        };
+        let _ = write!(w, "  [{}] {} {matcher}: ", t.index, t.kind.as_str());
+        match &t.matched {
+            None => {
+                let _ = writeln!(w, "no match");
+            }
+            Some((value, roles)) => {
+                let verdict = match (user, t.allows, t.database_allowed) {
+                    (None, ..) => "",
+                    (Some(_), true, _) => " -> ALLOWS",
+                    (Some(_), false, false) => " -> database not allowed",
+                    (Some(_), false, true) => " -> role not in this rule",
+                };
+                let _ = writeln!(w, "match \"{value}\", roles [{}]{verdict}", roles.join(", "));
+            }
+        }
+    }
+    if trace.is_empty() {
+        let _ = writeln!(w, "  (no rules: every certificate is denied)");
+    }
+    let allowed = user.map(|u| match rules.decide(&identity, u, database.unwrap_or(u)) {
+        Decision::Allow { rule, backend_auth, .. } => {
+            let _ = writeln!(w, "decision: ALLOW by rule {rule} (backend_auth = {backend_auth:?})");
+            true
+        }
+        Decision::Deny { reason, identity, .. } => {
+            let _ = writeln!(
+                w,
+                "decision: DENY ({}): certificate \"{identity}\" is not allowed to connect as role \"{u}\"",
+                reason.as_str()
+            );
+            false
+        }
+    });
+    if allowed.is_none() {
+        let _ = writeln!(w, "decision: give --user (and --database) to decide");
+    }
+    Ok(Explained { text: out, allowed })
+}
