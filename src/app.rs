@@ -22,9 +22,9 @@ use tracing::{info, warn};
 use crate::backend::login::Secret;
 use crate::backend::Connector;
 use crate::config::{ClientAuthMode, Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::rolemap::{RoleMap, RuleError};
 use crate::tls::client_auth::CrlSummary;
-use crate::metrics::Metrics;
 use crate::tls::pem::{CertSummary, FileError};
 use crate::{session, tls};
 
@@ -118,7 +118,11 @@ fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartErr
             (Some(path), _) => std::fs::read_to_string(path)
                 .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
                 .map_err(|e| {
-                    FileError::new("backend.credentials", path, format!("{role}: cannot read: {e}"))
+                    FileError::new(
+                        "backend.credentials",
+                        path,
+                        format!("{role}: cannot read: {e}"),
+                    )
                 })?,
             (None, Some(var)) => std::env::var(var).map_err(|_| {
                 StartError::Config(ConfigError::Invalid {

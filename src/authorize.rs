@@ -25,7 +25,12 @@ pub enum Access {
     },
 }
 
-pub fn authorize(shared: &Shared, client: &ClientStream, user: &str, database: &str) -> Result<Access, SessionError> {
+pub fn authorize(
+    shared: &Shared,
+    client: &ClientStream,
+    user: &str,
+    database: &str,
+) -> Result<Access, SessionError> {
     if shared.client_auth == ClientAuthMode::None {
         return Ok(Access::Password);
     }
@@ -36,7 +41,8 @@ pub fn authorize(shared: &Shared, client: &ClientStream, user: &str, database: &
         }
         return Ok(Access::Password);
     };
-    let identity = Identity::from_der(der).map_err(|e| SessionError::BadClientCertificate(e.to_string()))?;
+    let identity =
+        Identity::from_der(der).map_err(|e| SessionError::BadClientCertificate(e.to_string()))?;
     let decisions = &shared.metrics.role_decisions;
     match shared.rolemap.decide(&identity, user, database) {
         Decision::Allow {
@@ -45,7 +51,9 @@ pub fn authorize(shared: &Shared, client: &ClientStream, user: &str, database: &
             identity,
             backend_auth,
         } => {
-            decisions.with_label_values(&["allowed", "allowed", kind.as_str()]).inc();
+            decisions
+                .with_label_values(&["allowed", "allowed", kind.as_str()])
+                .inc();
             info!(
                 identity = %identity,
                 identity_kind = kind.as_str(),
@@ -55,11 +63,20 @@ pub fn authorize(shared: &Shared, client: &ClientStream, user: &str, database: &
                 backend_auth = ?backend_auth,
                 "certificate allowed"
             );
-            Ok(Access::Certificate { identity, backend_auth })
+            Ok(Access::Certificate {
+                identity,
+                backend_auth,
+            })
         }
-        Decision::Deny { reason, identity, kind } => {
+        Decision::Deny {
+            reason,
+            identity,
+            kind,
+        } => {
             let kind = kind.map_or("none", |k| k.as_str());
-            decisions.with_label_values(&["denied", reason.as_str(), kind]).inc();
+            decisions
+                .with_label_values(&["denied", reason.as_str(), kind])
+                .inc();
             warn!(
                 identity = %identity,
                 identity_kind = kind,

@@ -414,7 +414,10 @@ impl Config {
             _ => {}
         }
         if (ca.effective_mode() != ClientAuthMode::None) && self.tls.cert.is_none() {
-            return Err(invalid("tls.cert", "client certificates need TLS: set tls.cert and tls.key"));
+            return Err(invalid(
+                "tls.cert",
+                "client certificates need TLS: set tls.cert and tls.key",
+            ));
         }
         for (role, c) in &b.credentials {
             if c.password_file.is_some() == c.password_env.is_some() {
@@ -467,21 +470,32 @@ mod tests {
     }
 
     #[test]
+    fn reference_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pg-tls-proxy.toml");
+        let c = Config::load(Some(&path)).expect("the reference config is valid");
+        assert_eq!(c.listen.address, "127.0.0.1:6432");
+    }
+
+    #[test]
     fn client_auth_modes() {
         let base = "[tls]\ncert='a'\nkey='b'\n";
         let c = Config::from_toml(&format!("{base}[client_auth]\nca='ca.pem'\n")).expect("valid");
         assert_eq!(c.client_auth.effective_mode(), ClientAuthMode::Required);
         assert_eq!(c.client_auth.ca, vec![PathBuf::from("ca.pem")]);
-        let c = Config::from_toml(&format!("{base}[client_auth]\nmode='optional'\nca=['a.pem','b.pem']\n"))
-            .expect("valid");
+        let c = Config::from_toml(&format!(
+            "{base}[client_auth]\nmode='optional'\nca=['a.pem','b.pem']\n"
+        ))
+        .expect("valid");
         assert_eq!(c.client_auth.ca.len(), 2);
         let err = Config::from_toml(&format!("{base}[client_auth]\nmode='required'\n"))
             .expect_err("must fail")
             .to_string();
         assert!(err.contains("client_auth.ca"), "{err}");
-        let err = Config::from_toml(&format!("{base}[[rules]]\nidentity='cn'\nexact='a'\nroles=['a']\n"))
-            .expect_err("must fail")
-            .to_string();
+        let err = Config::from_toml(&format!(
+            "{base}[[rules]]\nidentity='cn'\nexact='a'\nroles=['a']\n"
+        ))
+        .expect_err("must fail")
+        .to_string();
         assert!(err.contains("client_auth.mode"), "{err}");
     }
 

@@ -37,28 +37,40 @@ pub fn explain(
     let chain = pem::certs("--cert", cert)?;
     let leaf = &chain[0];
     let summary = CertSummary::parse(leaf).map_err(|r| FileError::new("--cert", cert, r))?;
-    let identity = Identity::from_der(leaf.as_ref()).map_err(|e| FileError::new("--cert", cert, e.to_string()))?;
+    let identity = Identity::from_der(leaf.as_ref())
+        .map_err(|e| FileError::new("--cert", cert, e.to_string()))?;
     let rules = RoleMap::compile(&config.rules)?;
     let mut out = String::new();
     let w = &mut out;
     let _ = writeln!(w, "certificate {}", cert.display());
     let _ = writeln!(w, "  subject {}", summary.subject);
     let _ = writeln!(w, "  issuer  {}", summary.issuer);
-    let _ = writeln!(w, "  expires in {} days", summary.days_left(pem::unix_now()));
+    let _ = writeln!(
+        w,
+        "  expires in {} days",
+        summary.days_left(pem::unix_now())
+    );
     let _ = writeln!(w, "identities:");
     let _ = write!(w, "{identity}");
 
     let _ = write!(w, "chain: ");
+    let mut chain_ok = true;
     match client_auth::build(&config.client_auth)? {
         None => {
-            let _ = writeln!(w, "not checked: client_auth.mode is none (the proxy does not ask for certificates)");
+            let _ = writeln!(
+                w,
+                "not checked: client_auth.mode is none (the proxy does not ask for certificates)"
+            );
         }
         Some(setup) => {
             let mode = match config.client_auth.effective_mode() {
                 ClientAuthMode::Required => "required",
                 _ => "optional",
             };
-            match setup.verifier.verify_client_cert(leaf, &chain[1..], UnixTime::now()) {
+            match setup
+                .verifier
+                .verify_client_cert(leaf, &chain[1..], UnixTime::now())
+            {
                 Ok(_) => {
                     let _ = writeln!(
                         w,
@@ -68,11 +80,19 @@ pub fn explain(
                     );
                 }
                 Err(e) => {
-                    let _ = writeln!(w, "REJECTED: {e} (the TLS handshake would fail before any rule runs)");
+                    chain_ok = false;
+                    let _ = writeln!(
+                        w,
+                        "REJECTED: {e} (the TLS handshake would fail before any rule runs)"
+                    );
                 }
             }
             for crl in setup.crls.iter().filter(|c| c.is_stale(pem::unix_now())) {
-                let _ = writeln!(w, "  warning: CRL {} is past its next_update", crl.path.display());
+                let _ = writeln!(
+                    w,
+                    "  warning: CRL {} is past its next_update",
+                    crl.path.display()
+                );
             }
         }
     }
@@ -103,7 +123,11 @@ pub fn explain(
                     (Some(_), false, false) => " -> database not allowed",
                     (Some(_), false, true) => " -> role not in this rule",
                 };
-                let _ = writeln!(w, "match \"{value}\", roles [{}]{verdict}", roles.join(", "));
+                let _ = writeln!(
+                    w,
+                    "match \"{value}\", roles [{}]{verdict}",
+                    roles.join(", ")
+                );
             }
         }
     }
@@ -111,6 +135,10 @@ pub fn explain(
         let _ = writeln!(w, "  (no rules: every certificate is denied)");
     }
     let allowed = user.map(|u| match rules.decide(&identity, u, database.unwrap_or(u)) {
+        _ if !chain_ok => {
+            let _ = writeln!(w, "decision: DENY: the certificate does not verify (see chain above)");
+            false
+        }
         Decision::Allow { rule, backend_auth, .. } => {
             let _ = writeln!(w, "decision: ALLOW by rule {rule} (backend_auth = {backend_auth:?})");
             true

@@ -68,8 +68,7 @@ pub struct IdentityError(String);
 impl Identity {
     /// Extracts identities from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| IdentityError(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError(e.to_string()))?;
         let subject = cert.subject();
         let cn = subject
             .iter_common_name()
@@ -223,13 +222,20 @@ mod tests {
     fn extracts_every_kind() {
         let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(DnType::OrganizationName, "Acme, Inc.");
-        p.distinguished_name.push(DnType::OrganizationalUnitName, "DBA");
-        p.distinguished_name.push(DnType::CommonName, "*.example.com");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Acme, Inc.");
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, "DBA");
+        p.distinguished_name
+            .push(DnType::CommonName, "*.example.com");
         p.subject_alt_names = vec![
             SanType::DnsName("db.example.com".try_into().expect("dns")),
             SanType::Rfc822Name("alice@example.com".try_into().expect("email")),
-            SanType::URI("spiffe://prod.example.org/ns/app/sa/web".try_into().expect("uri")),
+            SanType::URI(
+                "spiffe://prod.example.org/ns/app/sa/web"
+                    .try_into()
+                    .expect("uri"),
+            ),
             SanType::IpAddress("10.1.2.3".parse().expect("ip")),
         ];
         let id = Identity::from_der(&cert(p)).expect("identity");

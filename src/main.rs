@@ -122,10 +122,18 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     println!("client_auth.mode    {mode}");
     let now = unix_now();
     for ca in &prepared.client_cas {
-        println!("client_auth.ca      {} (expires in {} days)", ca.subject, ca.days_left(now));
+        println!(
+            "client_auth.ca      {} (expires in {} days)",
+            ca.subject,
+            ca.days_left(now)
+        );
     }
     for crl in &prepared.client_crls {
-        let state = if crl.is_stale(now) { "STALE: past next_update" } else { "current" };
+        let state = if crl.is_stale(now) {
+            "STALE: past next_update"
+        } else {
+            "current"
+        };
         println!("client_auth.crl     {} ({state})", crl.path.display());
     }
     println!("rules               {}", c.rules.len());
@@ -142,7 +150,12 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn explain(config: Option<PathBuf>, cert: PathBuf, user: Option<String>, database: Option<String>) -> ExitCode {
+fn explain(
+    config: Option<PathBuf>,
+    cert: PathBuf,
+    user: Option<String>,
+    database: Option<String>,
+) -> ExitCode {
     let config = match Config::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

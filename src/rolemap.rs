@@ -112,7 +112,11 @@ impl RoleMap {
         let mut patterns: HashMap<IdentityKind, Vec<(usize, String)>> = HashMap::new();
         let mut index: HashMap<IdentityKind, KindIndex> = HashMap::new();
         for (i, c) in configs.iter().enumerate() {
-            let err = |key, reason: String| RuleError { index: i, key, reason };
+            let err = |key, reason: String| RuleError {
+                index: i,
+                key,
+                reason,
+            };
             let (matcher, groups) = match (&c.pattern, &c.exact) {
                 (Some(p), None) => {
                     let anchored = format!("^(?:{p})$");
@@ -122,10 +126,21 @@ impl RoleMap {
                     (Matcher::Pattern(re), groups)
                 }
                 (None, Some(e)) => {
-                    index.entry(c.identity).or_default().exact.entry(e.clone()).or_default().push(i);
+                    index
+                        .entry(c.identity)
+                        .or_default()
+                        .exact
+                        .entry(e.clone())
+                        .or_default()
+                        .push(i);
                     (Matcher::Exact(e.clone()), 0)
                 }
-                _ => return Err(err("pattern", "give exactly one of `pattern` or `exact`".into())),
+                _ => {
+                    return Err(err(
+                        "pattern",
+                        "give exactly one of `pattern` or `exact`".into(),
+                    ))
+                }
             };
             if c.roles.is_empty() {
                 return Err(err("roles", "must list at least one role".into()));
@@ -136,7 +151,10 @@ impl RoleMap {
                 .map(|t| parse_template(t, groups).map_err(|r| err("roles", r)))
                 .collect::<Result<Vec<_>, _>>()?;
             if matches!(&c.databases, Some(d) if d.is_empty()) {
-                return Err(err("databases", "an empty list allows nothing; omit it to allow any database".into()));
+                return Err(err(
+                    "databases",
+                    "an empty list allows nothing; omit it to allow any database".into(),
+                ));
             }
             rules.push(Rule {
                 kind: c.identity,
@@ -176,7 +194,11 @@ impl RoleMap {
                     candidates.extend(rules.iter().map(|&r| (r, value.as_str())));
                 }
                 if let Some(set) = &idx.set {
-                    candidates.extend(set.matches(value).iter().map(|m| (idx.set_rules[m], value.as_str())));
+                    candidates.extend(
+                        set.matches(value)
+                            .iter()
+                            .map(|m| (idx.set_rules[m], value.as_str())),
+                    );
                 }
             }
         }
@@ -184,7 +206,9 @@ impl RoleMap {
         let mut best: Option<(DenyReason, usize, &str)> = None;
         for (i, value) in candidates {
             let rule = &self.rules[i];
-            let Some(roles) = rule.expand(value) else { continue };
+            let Some(roles) = rule.expand(value) else {
+                continue;
+            };
             let reason = if !roles.iter().any(|r| r == user) {
                 DenyReason::RoleNotAllowed
             } else if !rule.database_allowed(database) {
@@ -227,7 +251,9 @@ impl RoleMap {
                     .find_map(|v| rule.expand(v).map(|roles| (v.clone(), roles)));
                 let database_allowed = rule.database_allowed(database);
                 let allows = database_allowed
-                    && matched.as_ref().is_some_and(|(_, roles)| roles.iter().any(|r| r == user));
+                    && matched
+                        .as_ref()
+                        .is_some_and(|(_, roles)| roles.iter().any(|r| r == user));
                 RuleTrace {
                     index,
                     kind: rule.kind,
@@ -244,7 +270,9 @@ impl Rule {
     /// The expanded roles if this rule matches `value`.
     fn expand(&self, value: &str) -> Option<Vec<String>> {
         match &self.matcher {
-            Matcher::Exact(e) => (e == value).then(|| self.roles.iter().map(|t| render(t, &[])).collect()),
+            Matcher::Exact(e) => {
+                (e == value).then(|| self.roles.iter().map(|t| render(t, &[])).collect())
+            }
             Matcher::Pattern(re) => {
                 let caps = re.captures(value)?;
                 let groups: Vec<&str> = (1..caps.len())
@@ -256,7 +284,9 @@ impl Rule {
     }
 
     fn database_allowed(&self, database: &str) -> bool {
-        self.databases.as_ref().is_none_or(|d| d.iter().any(|x| x == database))
+        self.databases
+            .as_ref()
+            .is_none_or(|d| d.iter().any(|x| x == database))
     }
 }
 
@@ -293,7 +323,11 @@ fn parse_template(t: &str, groups: usize) -> Result<Vec<Part>, String> {
                 parts.push(Part::Group(g));
             }
             Some('\\') => lit.push('\\'),
-            _ => return Err(format!("role template {t:?}: a backslash must be followed by 1-9 or another backslash")),
+            _ => {
+                return Err(format!(
+                    "role template {t:?}: a backslash must be followed by 1-9 or another backslash"
+                ))
+            }
         }
     }
     if !lit.is_empty() {
@@ -309,7 +343,12 @@ fn parse_template(t: &str, groups: usize) -> Result<Vec<Part>, String> {
 mod tests {
     use super::*;
 
-    fn rule(kind: IdentityKind, pattern: Option<&str>, exact: Option<&str>, roles: &[&str]) -> RuleConfig {
+    fn rule(
+        kind: IdentityKind,
+        pattern: Option<&str>,
+        exact: Option<&str>,
+        roles: &[&str],
+    ) -> RuleConfig {
         RuleConfig {
             identity: kind,
             pattern: pattern.map(str::to_string),
@@ -341,9 +380,18 @@ mod tests {
             uris: vec!["spiffe://prod.example.org/ns/shop/sa/web".into()],
             ..Default::default()
         };
-        assert!(matches!(map.decide(&id, "web", "app"), Decision::Allow { rule: 0, .. }));
-        assert!(matches!(map.decide(&id, "readonly", "app"), Decision::Allow { .. }));
-        assert!(matches!(map.decide(&id, "shop_web", "app"), Decision::Allow { .. }));
+        assert!(matches!(
+            map.decide(&id, "web", "app"),
+            Decision::Allow { rule: 0, .. }
+        ));
+        assert!(matches!(
+            map.decide(&id, "readonly", "app"),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            map.decide(&id, "shop_web", "app"),
+            Decision::Allow { .. }
+        ));
         assert_eq!(
             map.decide(&id, "admin", "app"),
             Decision::Deny {
@@ -359,7 +407,10 @@ mod tests {
         };
         assert!(matches!(
             map.decide(&id, "web", "app"),
-            Decision::Deny { reason: DenyReason::NoRuleMatched, .. }
+            Decision::Deny {
+                reason: DenyReason::NoRuleMatched,
+                ..
+            }
         ));
     }
 
@@ -370,10 +421,22 @@ mod tests {
             rule(IdentityKind::Cn, None, Some("*.example.com"), &["wild"]),
         ])
         .expect("compile");
-        assert!(matches!(map.decide(&id_cn("Alice"), "alice", "db"), Decision::Deny { .. }));
-        assert!(matches!(map.decide(&id_cn("alice"), "alice", "db"), Decision::Allow { .. }));
-        assert!(matches!(map.decide(&id_cn("*.example.com"), "wild", "db"), Decision::Allow { .. }));
-        assert!(matches!(map.decide(&id_cn("db.example.com"), "wild", "db"), Decision::Deny { .. }));
+        assert!(matches!(
+            map.decide(&id_cn("Alice"), "alice", "db"),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            map.decide(&id_cn("alice"), "alice", "db"),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            map.decide(&id_cn("*.example.com"), "wild", "db"),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            map.decide(&id_cn("db.example.com"), "wild", "db"),
+            Decision::Deny { .. }
+        ));
     }
 
     #[test]
@@ -384,37 +447,59 @@ mod tests {
         b.backend_auth = BackendAuth::Proxy;
         let map = RoleMap::compile(&[a, b]).expect("compile");
         let id = id_cn("team");
-        assert!(matches!(map.decide(&id, "reader", "app"), Decision::Allow { rule: 0, .. }));
+        assert!(matches!(
+            map.decide(&id, "reader", "app"),
+            Decision::Allow { rule: 0, .. }
+        ));
         assert!(matches!(
             map.decide(&id, "reader", "other"),
-            Decision::Deny { reason: DenyReason::DatabaseNotAllowed, .. }
+            Decision::Deny {
+                reason: DenyReason::DatabaseNotAllowed,
+                ..
+            }
         ));
         assert!(matches!(
             map.decide(&id, "writer", "other"),
-            Decision::Allow { rule: 1, backend_auth: BackendAuth::Proxy, .. }
+            Decision::Allow {
+                rule: 1,
+                backend_auth: BackendAuth::Proxy,
+                ..
+            }
         ));
         let trace = map.explain(&id, "reader", "other");
         assert_eq!(trace.len(), 2);
         assert!(!trace[0].allows && !trace[0].database_allowed);
-        assert_eq!(trace[1].matched, Some(("team".into(), vec!["writer".into()])));
+        assert_eq!(
+            trace[1].matched,
+            Some(("team".into(), vec!["writer".into()]))
+        );
     }
 
     #[test]
     fn second_san_matches() {
-        let map = RoleMap::compile(&[rule(IdentityKind::Dns, None, Some("b.example"), &["svc"])]).expect("compile");
+        let map = RoleMap::compile(&[rule(IdentityKind::Dns, None, Some("b.example"), &["svc"])])
+            .expect("compile");
         let id = Identity {
             dns: vec!["a.example".into(), "b.example".into()],
             ..Default::default()
         };
-        assert!(matches!(map.decide(&id, "svc", "db"), Decision::Allow { .. }));
+        assert!(matches!(
+            map.decide(&id, "svc", "db"),
+            Decision::Allow { .. }
+        ));
     }
 
     #[test]
     fn compile_errors_name_the_rule() {
         let bad = rule(IdentityKind::Cn, Some("(a"), None, &["x"]);
-        assert_eq!(RoleMap::compile(&[bad]).err().map(|e| e.key), Some("pattern"));
+        assert_eq!(
+            RoleMap::compile(&[bad]).err().map(|e| e.key),
+            Some("pattern")
+        );
         let bad = rule(IdentityKind::Cn, Some("(a)"), None, &[r"\2"]);
-        let e = RoleMap::compile(&[rule(IdentityKind::Cn, None, Some("x"), &["x"]), bad]).err().expect("error");
+        let e = RoleMap::compile(&[rule(IdentityKind::Cn, None, Some("x"), &["x"]), bad])
+            .err()
+            .expect("error");
         assert_eq!((e.index, e.key), (1, "roles"));
         let both = rule(IdentityKind::Cn, Some("a"), Some("a"), &["x"]);
         assert!(RoleMap::compile(&[both]).is_err());
@@ -425,18 +510,34 @@ mod tests {
         let rules: Vec<_> = (0..1000)
             .map(|i| {
                 if i % 2 == 0 {
-                    rule(IdentityKind::Cn, None, Some(&format!("user{i}")), &[&format!("role{i}")])
+                    rule(
+                        IdentityKind::Cn,
+                        None,
+                        Some(&format!("user{i}")),
+                        &[&format!("role{i}")],
+                    )
                 } else {
-                    rule(IdentityKind::Uri, Some(&format!(r"spiffe://t/ns{i}/sa/([a-z]+)")), None, &[r"\1"])
+                    rule(
+                        IdentityKind::Uri,
+                        Some(&format!(r"spiffe://t/ns{i}/sa/([a-z]+)")),
+                        None,
+                        &[r"\1"],
+                    )
                 }
             })
             .collect();
         let map = RoleMap::compile(&rules).expect("compile");
-        assert!(matches!(map.decide(&id_cn("user998"), "role998", "db"), Decision::Allow { rule: 998, .. }));
+        assert!(matches!(
+            map.decide(&id_cn("user998"), "role998", "db"),
+            Decision::Allow { rule: 998, .. }
+        ));
         let id = Identity {
             uris: vec!["spiffe://t/ns999/sa/web".into()],
             ..Default::default()
         };
-        assert!(matches!(map.decide(&id, "web", "db"), Decision::Allow { rule: 999, .. }));
+        assert!(matches!(
+            map.decide(&id, "web", "db"),
+            Decision::Allow { rule: 999, .. }
+        ));
     }
 }

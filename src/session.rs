@@ -23,10 +23,10 @@ use crate::app::Shared;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
 use crate::config::BackendAuth;
-use crate::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 use crate::error::{Phase, SessionError};
 use crate::negotiate::{negotiate, Failed, Negotiated, Path};
 use crate::protocol::StartupPacket;
+use crate::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 use crate::relay::{relay, Side};
 use crate::startup::{relay_authentication, ExchangeError, Outcome};
 use crate::stream::{BackendStream, ClientStream};
@@ -179,7 +179,10 @@ async fn session(
         Err(e) => return fail(e, client),
     };
     if let Err(error) = negotiate_version(&mut client, &startup).await {
-        return Err(Failed { error, stream: None });
+        return Err(Failed {
+            error,
+            stream: None,
+        });
     }
     if let Err(e) = backend.write_all(&to_backend).await {
         return fail(backend_io(shared, e), client);
@@ -222,7 +225,10 @@ async fn session(
         Err(ExchangeError::Session(e)) => return fail(e, client),
         Err(e) => {
             warn!("authentication relay failed: {e}");
-            return fail(backend_io(shared, std::io::Error::other(e.to_string())), client);
+            return fail(
+                backend_io(shared, std::io::Error::other(e.to_string())),
+                client,
+            );
         }
     };
     info!(
@@ -245,14 +251,21 @@ fn backend_io(shared: &Shared, source: std::io::Error) -> SessionError {
     .into()
 }
 
-async fn connect_backend(shared: &Shared, deadline: Instant) -> Result<BackendStream, SessionError> {
+async fn connect_backend(
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<BackendStream, SessionError> {
     let result = timeout_at(deadline, shared.connector.connect()).await;
     let label = match &result {
         Err(_) => "timeout",
         Ok(Err(e)) => e.kind(),
         Ok(Ok(_)) => "ok",
     };
-    shared.metrics.backend_connects.with_label_values(&[label]).inc();
+    shared
+        .metrics
+        .backend_connects
+        .with_label_values(&[label])
+        .inc();
     match result {
         Err(_) => Err(SessionError::Timeout(Phase::BackendConnect)),
         Ok(r) => r.map_err(SessionError::from),

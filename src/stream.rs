@@ -87,7 +87,12 @@ impl ClientStream {
     pub fn peer_leaf(&self) -> Option<&[u8]> {
         match self {
             MaybeTls::Plain(_) => None,
-            MaybeTls::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
+            MaybeTls::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()?
+                .first()
+                .map(|c| c.as_ref()),
         }
     }
 }
@@ -97,7 +102,12 @@ impl BackendStream {
     pub fn peer_leaf(&self) -> Option<&[u8]> {
         match self {
             MaybeTls::Plain(_) => None,
-            MaybeTls::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
+            MaybeTls::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()?
+                .first()
+                .map(|c| c.as_ref()),
         }
     }
 }

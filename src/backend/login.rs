@@ -14,7 +14,9 @@ use bytes::BytesMut;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{DecodeContext, Message};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -126,7 +128,10 @@ where
             }
             5 => {
                 let body = frame.body();
-                let salt: [u8; 4] = body.get(4..8).and_then(|s| s.try_into().ok()).ok_or(LoginError::Malformed)?;
+                let salt: [u8; 4] = body
+                    .get(4..8)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or(LoginError::Malformed)?;
                 method = Method::Md5;
                 let hash = md5_hash(user.as_bytes(), need()?.bytes(), salt);
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(LoginError::Io)?;
@@ -135,7 +140,10 @@ where
                 let mechanisms = sasl_mechanisms(&frame)?;
                 let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
                 let (mechanism, binding) = match (plus, end_point.take()) {
-                    (true, Some(hash)) => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash)),
+                    (true, Some(hash)) => (
+                        SCRAM_SHA_256_PLUS,
+                        ChannelBinding::tls_server_end_point(hash),
+                    ),
                     // On TLS we could bind but the server did not offer it.
                     (false, Some(_)) if tls => (SCRAM_SHA_256, ChannelBinding::unrequested()),
                     _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
@@ -143,9 +151,14 @@ where
                 if !mechanisms.iter().any(|m| m == mechanism) {
                     return Err(LoginError::Unsupported(code));
                 }
-                method = if mechanism == SCRAM_SHA_256_PLUS { Method::ScramPlus } else { Method::Scram };
+                method = if mechanism == SCRAM_SHA_256_PLUS {
+                    Method::ScramPlus
+                } else {
+                    Method::Scram
+                };
                 let s = ScramSha256::new(need()?.bytes(), binding);
-                frontend::sasl_initial_response(mechanism, s.message(), &mut out).map_err(LoginError::Io)?;
+                frontend::sasl_initial_response(mechanism, s.message(), &mut out)
+                    .map_err(LoginError::Io)?;
                 scram = Some(s);
             }
             11 => {

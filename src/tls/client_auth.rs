@@ -59,10 +59,15 @@ pub fn build(c: &ClientAuth) -> Result<Option<ClientAuthSetup>, FileError> {
     let mut cas = Vec::new();
     for path in &c.ca {
         for cert in pem::certs("client_auth.ca", path)? {
-            let summary = CertSummary::parse(&cert).map_err(|r| FileError::new("client_auth.ca", path, r))?;
+            let summary =
+                CertSummary::parse(&cert).map_err(|r| FileError::new("client_auth.ca", path, r))?;
             if summary.subject == summary.issuer {
                 roots.add(cert).map_err(|e| {
-                    FileError::new("client_auth.ca", path, format!("unusable CA certificate: {e}"))
+                    FileError::new(
+                        "client_auth.ca",
+                        path,
+                        format!("unusable CA certificate: {e}"),
+                    )
                 })?;
             } else {
                 intermediates.push(cert);
@@ -71,7 +76,10 @@ pub fn build(c: &ClientAuth) -> Result<Option<ClientAuthSetup>, FileError> {
         }
     }
     if roots.is_empty() {
-        let path = c.ca.first().map(|p| p.as_path()).unwrap_or(std::path::Path::new("-"));
+        let path =
+            c.ca.first()
+                .map(|p| p.as_path())
+                .unwrap_or(std::path::Path::new("-"));
         return Err(FileError::new(
             "client_auth.ca",
             path,
@@ -95,19 +103,26 @@ pub fn build(c: &ClientAuth) -> Result<Option<ClientAuthSetup>, FileError> {
             crls.push(crl);
         }
     }
-    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
     if c.crl_check == CrlCheck::Leaf {
         builder = builder.only_check_end_entity_revocation();
     }
     if mode == ClientAuthMode::Optional {
         builder = builder.allow_unauthenticated();
     }
-    let first = c.ca.first().map(|p| p.as_path()).unwrap_or(std::path::Path::new("-"));
+    let first =
+        c.ca.first()
+            .map(|p| p.as_path())
+            .unwrap_or(std::path::Path::new("-"));
     let inner = builder
         .build()
         .map_err(|e| FileError::new("client_auth.ca", first, e.to_string()))?;
     Ok(Some(ClientAuthSetup {
-        verifier: Arc::new(WithIntermediates { inner, intermediates }),
+        verifier: Arc::new(WithIntermediates {
+            inner,
+            intermediates,
+        }),
         cas,
         crls: crl_summaries,
     }))
@@ -148,7 +163,9 @@ impl ClientCertVerifier for WithIntermediates {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         if self.intermediates.is_empty() {
-            return self.inner.verify_client_cert(end_entity, intermediates, now);
+            return self
+                .inner
+                .verify_client_cert(end_entity, intermediates, now);
         }
         let mut all: Vec<CertificateDer<'_>> = intermediates.to_vec();
         all.extend(self.intermediates.iter().cloned());

@@ -25,7 +25,10 @@ pub struct ServerTls {
 
 /// Builds the server config from `[tls]`; `None` when TLS is not configured
 /// (only allowed with `tls.allow_plaintext`).
-pub fn build(tls: &config::Tls, client: &config::ClientAuth) -> Result<Option<ServerTls>, FileError> {
+pub fn build(
+    tls: &config::Tls,
+    client: &config::ClientAuth,
+) -> Result<Option<ServerTls>, FileError> {
     let (Some(cert_path), Some(key_path)) = (&tls.cert, &tls.key) else {
         return Ok(None);
     };
@@ -61,17 +64,15 @@ pub fn build(tls: &config::Tls, client: &config::ClientAuth) -> Result<Option<Se
         Some(setup) => builder.with_client_cert_verifier(setup.verifier.clone()),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            let reason = match e {
-                rustls::Error::InconsistentKeys(_) => {
-                    "the private key does not match the certificate in tls.cert".to_string()
-                }
-                other => other.to_string(),
-            };
-            FileError::new("tls.key", key_path, reason)
-        })?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        let reason = match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "the private key does not match the certificate in tls.cert".to_string()
+            }
+            other => other.to_string(),
+        };
+        FileError::new("tls.key", key_path, reason)
+    })?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     config.ticketer = rustls::crypto::ring::Ticketer::new()

@@ -176,3 +176,13 @@ pub async fn startup_and_query<S: AsyncRead + AsyncWrite + Unpin>(
     let len = i32::from_be_bytes([row.1[2], row.1[3], row.1[4], row.1[5]]) as usize;
     String::from_utf8_lossy(&row.1[6..6 + len]).into_owned()
 }
+
+/// Adds a client certificate (chain: leaf + intermediate) to a libpq
+/// connection string.
+pub fn with_cert(conn: &str, cert: &super::pki::CertFiles) -> String {
+    format!(
+        "{conn} sslcert={} sslkey={}",
+        cert.chain.display(),
+        cert.key.display()
+    )
+}

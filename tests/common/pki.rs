@@ -174,13 +174,17 @@ impl Pki {
         let not_before = opts.not_before.unwrap_or(now - DAY);
         let not_after = opts.not_after.unwrap_or(now + 365 * DAY);
         let mut params = leaf_params(&opts.cn, not_before, not_after);
-        let dn = &mut params.distinguished_name;
+        // Most general first (O, OU, CN), as real CAs issue them, so the
+        // RFC 4514 form reads CN=...,OU=...,O=...
+        let mut dn = DistinguishedName::new();
         if let Some(org) = &opts.org {
             dn.push(DnType::OrganizationName, org.as_str());
         }
         if let Some(ou) = &opts.ou {
             dn.push(DnType::OrganizationalUnitName, ou.as_str());
         }
+        dn.push(DnType::CommonName, opts.cn.as_str());
+        params.distinguished_name = dn;
         let sans = &mut params.subject_alt_names;
         sans.extend(opts.dns.iter().map(|d| SanType::DnsName(ia5(d))));
         sans.extend(opts.emails.iter().map(|e| SanType::Rfc822Name(ia5(e))));

@@ -86,3 +86,25 @@ impl Drop for TestProxy {
         }
     }
 }
+
+/// Requests client certificates signed by `pki` (its root; the
+/// intermediate is sent by clients in their chain) and installs `rules`,
+/// given as TOML `[[rules]]` tables.
+pub fn mtls(c: &mut Config, pki: &Pki, mode: pg_tls_proxy::config::ClientAuthMode, rules: &str) {
+    c.client_auth.mode = Some(mode);
+    c.client_auth.ca = vec![pki.root_cert.clone()];
+    c.rules = parse_rules(rules);
+}
+
+pub fn parse_rules(text: &str) -> Vec<pg_tls_proxy::config::RuleConfig> {
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        #[serde(default)]
+        rules: Vec<pg_tls_proxy::config::RuleConfig>,
+    }
+    use figment::providers::Format;
+    let parsed: Rules = figment::Figment::from(figment::providers::Toml::string(text))
+        .extract()
+        .expect("rules TOML");
+    parsed.rules
+}
