@@ -45,6 +45,7 @@ fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_port=$(free_port)
 proxy_port=$(free_port)
+admin_port=$(free_port)
 proxy_pid=""
 cleanup() {
   [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null || true
@@ -77,6 +78,8 @@ key = "$work/certs/server.key"
 [backend]
 address = "127.0.0.1:$pg_port"
 sslmode = "disable"
+[admin]
+address = "127.0.0.1:$admin_port"
 CONF
 say "checking the configuration: $proxy check --config $work/proxy.toml"
 "$proxy" check --config "$work/proxy.toml"
@@ -95,6 +98,15 @@ PGPASSWORD=demo-password psql "$conn" -c '\conninfo' -c "SELECT current_user, ve
 
 say "a plaintext client (sslmode=disable) is refused:"
 PGPASSWORD=demo-password psql "host=localhost port=$proxy_port user=demo dbname=postgres sslmode=disable" -c 'SELECT 1' || true
+
+say "a few metrics from http://127.0.0.1:$admin_port/metrics"
+python3 - "$admin_port" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+for line in text.splitlines():
+    if line.startswith(("pgtls_negotiations_total", "pgtls_tls_sessions_total", "pgtls_certificate_not_after")) and not line.endswith(" 0"):
+        print(" ", line)
+PY
 
 say "proxy log"
 cat "$work/proxy.log"

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{AdminState, BackendHealth, Readiness};
 use crate::backend::login::Secret;
 use crate::backend::Connector;
 use crate::config::{ClientAuthMode, Config, ConfigError};
@@ -38,6 +39,7 @@ pub struct Shared {
     pub connector: Connector,
     pub handshake_timeout: Duration,
     pub metrics: Metrics,
+    pub backend_health: BackendHealth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +87,23 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let rolemap = RoleMap::compile(&config.rules)?;
     let credentials = load_credentials(&config)?;
     let metrics = Metrics::new(registry)?;
-    let (tls, server_cert, server_chain_len, client_setup) = match server {
-        Some(s) => (Some(s.config), Some(s.leaf), s.chain_len, s.client_auth),
-        None => (None, None, 0, None),
+    let (tls, server_cert, server_chain_len, client_setup, server_chain) = match server {
+        Some(s) => (
+            Some(s.config),
+            Some(s.leaf),
+            s.chain_len,
+            s.client_auth,
+            s.chain,
+        ),
+        None => (None, None, 0, None, Vec::new()),
     };
     let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
+    metrics.set_certificates(&certificate_expiries(
+        &config,
+        &server_chain,
+        &client_cas,
+        &client_crls,
+    )?);
     let shared = Arc::new(Shared {
         tls,
         client_auth: config.client_auth.effective_mode(),
@@ -99,6 +113,7 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         connector,
         handshake_timeout: config.limits.handshake_timeout,
         metrics,
+        backend_health: BackendHealth::default(),
     });
     Ok(Prepared {
         config,
@@ -108,6 +123,39 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         client_cas,
         client_crls,
     })
+}
+
+/// (role, subject, not-after) for every certificate and CRL the config names.
+fn certificate_expiries(
+    config: &Config,
+    server_chain: &[CertSummary],
+    client_cas: &[CertSummary],
+    client_crls: &[CrlSummary],
+) -> Result<Vec<(&'static str, String, i64)>, StartError> {
+    let mut out = Vec::new();
+    out.extend(
+        server_chain
+            .iter()
+            .map(|c| ("server", c.subject.clone(), c.not_after)),
+    );
+    out.extend(
+        client_cas
+            .iter()
+            .map(|c| ("client_ca", c.subject.clone(), c.not_after)),
+    );
+    out.extend(
+        client_crls
+            .iter()
+            .filter_map(|c| Some(("crl", c.issuer.clone(), c.next_update?))),
+    );
+    if let Some(path) = &config.backend.sslcert {
+        for cert in crate::tls::pem::certs("backend.sslcert", path)? {
+            let c = CertSummary::parse(&cert)
+                .map_err(|r| FileError::new("backend.sslcert", path, r))?;
+            out.push(("backend_client", c.subject, c.not_after));
+        }
+    }
+    Ok(out)
 }
 
 /// Reads `[backend.credentials]` secrets from their files or variables.
@@ -147,6 +195,9 @@ pub struct Handle {
     accept_task: JoinHandle<()>,
     grace_period: Duration,
     shared: Arc<Shared>,
+    readiness: Arc<Readiness>,
+    admin_addr: Option<SocketAddr>,
+    admin_stop: CancellationToken,
 }
 
 /// What a shutdown did.
@@ -159,11 +210,38 @@ pub struct DrainReport {
 /// Prepares and binds; sessions run on the current tokio runtime.
 pub async fn start(config: Config, registry: &Registry) -> Result<Handle, StartError> {
     let prepared = prepare(config, registry)?;
-    serve(prepared).await
+    serve(prepared, registry).await
 }
 
-/// Binds the prepared state's listen address and starts accepting.
-pub async fn serve(prepared: Prepared) -> Result<Handle, StartError> {
+/// Binds the prepared state's listen (and admin) address and starts
+/// accepting. `registry` is the one `prepare` registered metrics on.
+pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, StartError> {
+    let readiness = Arc::new(Readiness::new(
+        prepared.config.admin.unready_after_backend_failures,
+    ));
+    let admin_stop = CancellationToken::new();
+    let admin_addr = if prepared.config.admin.enabled {
+        let address = prepared.config.admin.address.clone();
+        let listener = TcpListener::bind(&address)
+            .await
+            .map_err(|source| StartError::Bind {
+                address: address.clone(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { address, source })?;
+        let state = Arc::new(AdminState {
+            registry: registry.clone(),
+            readiness: readiness.clone(),
+            health: prepared.shared.clone(),
+        });
+        tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
+        info!(%addr, "admin listening");
+        Some(addr)
+    } else {
+        None
+    };
     let address = prepared.config.listen.address.clone();
     let listener = TcpListener::bind(&address)
         .await
@@ -190,6 +268,10 @@ pub async fn serve(prepared: Prepared) -> Result<Handle, StartError> {
         tracker.clone(),
     ));
     info!(%local_addr, "listening");
+    readiness
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    shared.metrics.ready.set(1);
     Ok(Handle {
         local_addr,
         stop_accepting,
@@ -198,6 +280,9 @@ pub async fn serve(prepared: Prepared) -> Result<Handle, StartError> {
         accept_task,
         grace_period: prepared.config.shutdown.grace_period,
         shared,
+        readiness,
+        admin_addr,
+        admin_stop,
     })
 }
 
@@ -246,6 +331,11 @@ impl Handle {
         &self.shared.metrics
     }
 
+    /// The admin listener's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Sessions still running.
     pub fn active_sessions(&self) -> usize {
         self.tracker.len()
@@ -254,6 +344,10 @@ impl Handle {
     /// Stops accepting, waits up to the grace period for sessions to end
     /// on their own, then closes the rest.
     pub async fn shutdown(self) -> DrainReport {
+        self.readiness
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.ready.set(0);
         self.stop_accepting.cancel();
         let _ = self.accept_task.await;
         self.tracker.close();
@@ -274,6 +368,7 @@ impl Handle {
             }
         };
         info!(sessions_at_start, forced_closed, "shutdown complete");
+        self.admin_stop.cancel();
         DrainReport {
             sessions_at_start,
             forced_closed,
@@ -282,6 +377,10 @@ impl Handle {
 
     /// Closes everything at once (SIGINT).
     pub async fn abort(self) {
+        self.readiness
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.admin_stop.cancel();
         self.stop_accepting.cancel();
         self.force_close.cancel();
         let _ = self.accept_task.await;

@@ -28,6 +28,32 @@ pub struct Config {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
+    pub admin: Admin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Serve /metrics, /live and /ready.
+    pub enabled: bool,
+    /// Its own listener, never the data port.
+    pub address: String,
+    /// Exposing the admin listener beyond loopback is an explicit choice.
+    pub allow_non_loopback: bool,
+    /// /ready answers 503 after this many consecutive failed backend
+    /// connects (0 = never).
+    pub unready_after_backend_failures: u32,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            enabled: true,
+            address: "127.0.0.1:9187".into(),
+            allow_non_loopback: false,
+            unready_after_backend_failures: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -312,6 +338,13 @@ pub enum ConfigError {
     },
 }
 
+fn is_loopback(address: &str) -> bool {
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => address.starts_with("localhost:"),
+    }
+}
+
 /// figment names keys under its profile ("default.backend.x"); operators
 /// know them as "backend.x".
 fn parse_text(e: &figment::Error) -> String {
@@ -427,6 +460,13 @@ impl Config {
                     origin: origin.map(Path::to_path_buf),
                 });
             }
+        }
+        if self.admin.enabled && !self.admin.allow_non_loopback && !is_loopback(&self.admin.address)
+        {
+            return Err(invalid(
+                "admin.address",
+                "is not a loopback address; set admin.allow_non_loopback = true to expose metrics and readiness beyond this host",
+            ));
         }
         if self.limits.handshake_timeout.is_zero() {
             return Err(invalid(

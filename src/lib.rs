@@ -17,13 +17,17 @@
 //!   (SCRAM channel binding through a TLS backend link).
 //! - [`relay`]: the byte copy after authentication.
 //! - [`error`]: error kinds and what a client may see (SQLSTATE + text).
+//! - [`audit`]: the per-connection record, metrics settlement and audit event.
+//! - [`admin`]: the admin HTTP listener (/metrics, /live, /ready).
 //! - [`metrics`]: Prometheus metrics on a registry passed down.
 //! - [`explain`]: the offline "why was I refused?" report.
 //! - [`devcerts`]: throwaway development certificates.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod authorize;
 pub mod backend;
 pub mod config;

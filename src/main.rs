@@ -74,19 +74,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(config: Option<PathBuf>) -> Result<Prepared, ExitCode> {
+fn load(config: Option<PathBuf>, registry: &prometheus::Registry) -> Result<Prepared, ExitCode> {
     let config = Config::load(config.as_deref()).map_err(|e| {
         eprintln!("pg-tls-proxy: configuration error: {e}");
         ExitCode::from(EX_USAGE)
     })?;
-    app::prepare(config, &prometheus::Registry::new()).map_err(|e| {
+    app::prepare(config, registry).map_err(|e| {
         eprintln!("pg-tls-proxy: configuration error: {e}");
         ExitCode::from(e.exit_code() as u8)
     })
 }
 
 fn check(config: Option<PathBuf>) -> ExitCode {
-    let prepared = match load(config) {
+    let prepared = match load(config, &prometheus::Registry::new()) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -214,7 +214,8 @@ fn init_tracing(c: &Config) {
 }
 
 fn run(config: Option<PathBuf>) -> ExitCode {
-    let prepared = match load(config) {
+    let registry = prometheus::Registry::new();
+    let prepared = match load(config, &registry) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -230,7 +231,7 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let handle = match app::serve(prepared).await {
+        let handle = match app::serve(prepared, &registry).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("pg-tls-proxy: {e}");

@@ -1,9 +1,51 @@
 //! Prometheus metrics on a [`Registry`] that is passed down, never global,
 //! so that several proxies (tests) can run in one process.
 //!
-//! Label values come from closed enums in the code, never from peers.
+//! Every family has HELP text, base units (`_seconds`, `_bytes`) and
+//! `_total` counters; label values come from closed sets in the code
+//! (enums and fixed strings), never from peers. The only free-text label,
+//! `subject` on certificate expiry, is bounded by the configuration.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// Handshake and connect latencies: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Session lengths: 10 ms to a day.
+const SESSION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14_400.0, 86_400.0,
+];
+
+/// Closed label sets, documented in README.
+pub mod labels {
+    pub const CLOSE_REASONS: &[&str] = &["client_eof", "backend_eof", "error", "shutdown", "limit"];
+    pub const NEGOTIATION_PATHS: &[&str] = &[
+        "sslrequest",
+        "direct_tls",
+        "gssenc_declined",
+        "plaintext_rejected",
+        "plaintext_allowed",
+        "cancel",
+        "protocol_violation",
+        "early_data",
+    ];
+    pub const TLS_FAILURES: &[&str] = &[
+        "timeout",
+        "no_client_cert",
+        "unknown_ca",
+        "expired",
+        "revoked",
+        "bad_certificate",
+        "alpn_mismatch",
+        "protocol_version",
+        "other",
+    ];
+}
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,66 +53,201 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     pub connections_closed: IntCounterVec,
     pub negotiations: IntCounterVec,
-    pub backend_connects: IntCounterVec,
-    pub bytes_relayed: IntCounterVec,
+    pub tls_handshake_duration: HistogramVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub tls_sessions: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
     pub role_decisions: IntCounterVec,
+    pub backend_connect_duration: HistogramVec,
+    pub backend_connects: IntCounterVec,
     pub backend_logins: IntCounterVec,
+    pub bytes_relayed: IntCounterVec,
+    pub session_duration: Histogram,
+    pub certificate_not_after: GaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub start_time: Gauge,
+}
+
+struct Reg<'a>(&'a Registry);
+
+impl Reg<'_> {
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::with_opts(Opts::new(name, help))?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn histograms(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<HistogramVec, prometheus::Error> {
+        let h = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )?;
+        self.0.register(Box::new(h.clone()))?;
+        Ok(h)
+    }
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Metrics, prometheus::Error> {
-        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
-            let c = IntCounter::with_opts(Opts::new(name, help))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let vec =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let r = Reg(registry);
         let active = IntGauge::with_opts(Opts::new(
             "pgtls_connections_active",
             "Client connections currently open.",
         ))?;
         registry.register(Box::new(active.clone()))?;
-        Ok(Metrics {
-            connections_accepted: counter(
-                "pgtls_connections_accepted_total",
-                "Client connections accepted.",
-            )?,
+        let ready = IntGauge::with_opts(Opts::new(
+            "pgtls_ready",
+            "1 when /ready answers 200: listening, certificates loaded, not draining, backend reachable.",
+        ))?;
+        registry.register(Box::new(ready.clone()))?;
+        let certificate_not_after = GaugeVec::new(
+            Opts::new(
+                "pgtls_certificate_not_after_timestamp_seconds",
+                "Expiry of each configured certificate (Unix time); for role=crl, the CRL's next_update.",
+            ),
+            &["role", "subject"],
+        )?;
+        registry.register(Box::new(certificate_not_after.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "pgtls_build_info",
+                "Build information; the value is always 1.",
+            ),
+            &["version", "rustls_version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("BUILD_RUSTLS_VERSION")])
+            .set(1);
+        let start_time = Gauge::with_opts(Opts::new(
+            "pgtls_start_time_seconds",
+            "Unix time the proxy started.",
+        ))?;
+        registry.register(Box::new(start_time.clone()))?;
+        start_time.set(crate::tls::pem::unix_now() as f64);
+        let m = Metrics {
+            connections_accepted: r.counter("pgtls_connections_accepted_total", "Client connections accepted.")?,
             connections_active: active,
-            connections_closed: vec(
+            connections_closed: r.counters(
                 "pgtls_connections_closed_total",
-                "Client connections closed, by reason.",
+                "Client connections closed, by reason (client_eof, backend_eof, error, shutdown, limit).",
                 &["reason"],
             )?,
-            negotiations: vec(
+            negotiations: r.counters(
                 "pgtls_negotiations_total",
                 "Pre-startup negotiation outcomes, by path.",
                 &["path"],
             )?,
-            backend_connects: vec(
-                "pgtls_backend_connects_total",
-                "Backend connection attempts, by result.",
-                &["result"],
+            tls_handshake_duration: r.histograms(
+                "pgtls_tls_handshake_duration_seconds",
+                "Duration of successful client TLS handshakes, from ClientHello to Finished.",
+                &["path", "version"],
+                LATENCY_BUCKETS,
             )?,
-            bytes_relayed: vec(
-                "pgtls_relayed_bytes_total",
-                "Bytes relayed after authentication, by direction.",
-                &["direction"],
+            tls_handshake_failures: r.counters(
+                "pgtls_tls_handshake_failures_total",
+                "Failed client TLS handshakes, by reason.",
+                &["reason"],
             )?,
-            role_decisions: vec(
+            tls_sessions: r.counters(
+                "pgtls_tls_sessions_total",
+                "Established client TLS sessions, by negotiated version and cipher suite.",
+                &["version", "cipher"],
+            )?,
+            tls_handshakes: r.counters(
+                "pgtls_tls_handshakes_total",
+                "Successful client TLS handshakes, by whether the session was resumed.",
+                &["resumed"],
+            )?,
+            role_decisions: r.counters(
                 "pgtls_role_decisions_total",
                 "Certificate-to-role decisions, by decision, reason and identity kind.",
                 &["decision", "reason", "identity_kind"],
             )?,
-            backend_logins: vec(
+            backend_connect_duration: r.histograms(
+                "pgtls_backend_connect_duration_seconds",
+                "Time to open a backend link (TCP, and TLS when configured), by sslmode.",
+                &["sslmode"],
+                LATENCY_BUCKETS,
+            )?,
+            backend_connects: r.counters(
+                "pgtls_backend_connects_total",
+                "Backend link attempts, by result (ok, or the failure reason) and sslmode.",
+                &["result", "sslmode"],
+            )?,
+            backend_logins: r.counters(
                 "pgtls_backend_logins_total",
                 "Proxy-authenticated backend logins, by method and result.",
                 &["method", "result"],
             )?,
-        })
+            bytes_relayed: r.counters(
+                "pgtls_relayed_bytes_total",
+                "Bytes relayed after authentication, by direction.",
+                &["direction"],
+            )?,
+            session_duration: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgtls_session_duration_seconds",
+                        "Duration of relayed sessions, from ReadyForQuery to close.",
+                    )
+                    .buckets(SESSION_BUCKETS.to_vec()),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            certificate_not_after,
+            config_reloads: r.counters(
+                "pgtls_config_reloads_total",
+                "Configuration reloads, by result (success, failure).",
+                &["result"],
+            )?,
+            ready,
+            build_info,
+            start_time,
+        };
+        // Pre-create closed label sets so dashboards see zeros, not gaps.
+        for reason in labels::CLOSE_REASONS {
+            m.connections_closed.with_label_values(&[reason]);
+        }
+        for path in labels::NEGOTIATION_PATHS {
+            m.negotiations.with_label_values(&[path]);
+        }
+        for reason in labels::TLS_FAILURES {
+            m.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        Ok(m)
+    }
+
+    /// Publishes certificate expiries, replacing the previous set.
+    pub fn set_certificates(&self, certs: &[(&'static str, String, i64)]) {
+        self.certificate_not_after.reset();
+        for (role, subject, not_after) in certs {
+            self.certificate_not_after
+                .with_label_values(&[*role, subject.as_str()])
+                .set(*not_after as f64);
+        }
     }
 }

@@ -32,6 +32,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::error::{Phase, SessionError};
+use crate::metrics::Metrics;
 use crate::protocol::{read_packet, Packet, ProtocolError, ReadError, StartupPacket};
 use crate::stream::{ClientStream, MaybeTls};
 use crate::tls::ALPN_POSTGRESQL;
@@ -68,9 +69,27 @@ pub enum Negotiated {
         stream: ClientStream,
         startup: StartupPacket,
         path: Path,
+        tls: Option<TlsInfo>,
     },
     /// A CancelRequest (plaintext or inside TLS), to forward.
     Cancel { packet: Bytes, path: Path },
+}
+
+/// What the TLS handshake settled, for logs and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    pub sni: Option<String>,
+    pub version: &'static str,
+    pub cipher: &'static str,
+    pub resumed: bool,
+}
+
+/// What negotiation needs from the proxy's state.
+pub struct Ctx<'a> {
+    pub tls: Option<&'a Arc<ServerConfig>>,
+    pub allow_plaintext: bool,
+    pub deadline: Instant,
+    pub metrics: &'a Metrics,
 }
 
 /// A failure, with the stream when an ErrorResponse can still be sent on it.
@@ -89,12 +108,8 @@ impl Failed {
 }
 
 /// Runs the state machine under `deadline`.
-pub async fn negotiate(
-    mut tcp: TcpStream,
-    tls: Option<&Arc<ServerConfig>>,
-    allow_plaintext: bool,
-    deadline: Instant,
-) -> Result<Negotiated, Failed> {
+pub async fn negotiate(mut tcp: TcpStream, ctx: &Ctx<'_>) -> Result<Negotiated, Failed> {
+    let (tls, allow_plaintext, deadline) = (ctx.tls, ctx.allow_plaintext, ctx.deadline);
     let mut first = [0u8; 1];
     let peeked = timeout_at(deadline, tcp.peek(&mut first))
         .await
@@ -106,8 +121,8 @@ pub async fn negotiate(
     if first[0] == TLS_HANDSHAKE_RECORD {
         return match tls {
             Some(config) => {
-                let stream = handshake(tcp, config, Path::DirectTls, deadline).await?;
-                read_inside_tls(stream, Path::DirectTls, deadline).await
+                let (stream, info) = handshake(tcp, config, Path::DirectTls, ctx).await?;
+                read_inside_tls(stream, Path::DirectTls, info, deadline).await
             }
             // Without a certificate there is nothing to offer: close, as a
             // PostgreSQL server without ssl does on a ClientHello.
@@ -128,6 +143,10 @@ pub async fn negotiate(
         match packet {
             Packet::GssEncRequest if !gss_seen => {
                 gss_seen = true;
+                ctx.metrics
+                    .negotiations
+                    .with_label_values(&["gssenc_declined"])
+                    .inc();
                 write_plain(&mut tcp, b"N").await?;
             }
             Packet::SslRequest if !ssl_declined => {
@@ -144,8 +163,8 @@ pub async fn negotiate(
                     continue;
                 };
                 write_plain(&mut tcp, b"S").await?;
-                let stream = handshake(tcp, config, Path::SslRequest, deadline).await?;
-                return read_inside_tls(stream, Path::SslRequest, deadline).await;
+                let (stream, info) = handshake(tcp, config, Path::SslRequest, ctx).await?;
+                return read_inside_tls(stream, Path::SslRequest, info, deadline).await;
             }
             Packet::GssEncRequest | Packet::SslRequest => {
                 return Err(Failed {
@@ -171,6 +190,7 @@ pub async fn negotiate(
                     stream,
                     startup,
                     path: Path::Plaintext,
+                    tls: None,
                 });
             }
         }
@@ -204,12 +224,45 @@ fn has_buffered_bytes(tcp: &TcpStream) -> Result<bool, Failed> {
 /// The TLS handshake on the raw socket. On the direct path a ClientHello
 /// without ALPN gets the no_application_protocol alert; a ClientHello
 /// offering ALPN without "postgresql" is refused by rustls the same way.
+/// Counts the outcome and times successful handshakes.
 async fn handshake(
     tcp: TcpStream,
     config: &Arc<ServerConfig>,
     path: Path,
+    ctx: &Ctx<'_>,
+) -> Result<(ClientStream, TlsInfo), Failed> {
+    let started = std::time::Instant::now();
+    let result = handshake_inner(tcp, config, path, ctx.deadline).await;
+    match &result {
+        Ok((_, info)) => {
+            let m = ctx.metrics;
+            m.tls_handshake_duration
+                .with_label_values(&[path.as_str(), info.version])
+                .observe(started.elapsed().as_secs_f64());
+            m.tls_sessions
+                .with_label_values(&[info.version, info.cipher])
+                .inc();
+            m.tls_handshakes
+                .with_label_values(&[if info.resumed { "true" } else { "false" }])
+                .inc();
+        }
+        Err(failed) => {
+            let reason = failure_reason(&failed.error);
+            ctx.metrics
+                .tls_handshake_failures
+                .with_label_values(&[reason])
+                .inc();
+        }
+    }
+    result
+}
+
+async fn handshake_inner(
+    tcp: TcpStream,
+    config: &Arc<ServerConfig>,
+    path: Path,
     deadline: Instant,
-) -> Result<ClientStream, Failed> {
+) -> Result<(ClientStream, TlsInfo), Failed> {
     let timeout = || Failed::closed(SessionError::Timeout(Phase::TlsHandshake));
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let mut start = timeout_at(deadline, acceptor)
@@ -224,17 +277,58 @@ async fn handshake(
         .await
         .map_err(|_| timeout())?
         .map_err(|e| Failed::closed(SessionError::Tls(e)))?;
+    let conn = stream.get_ref().1;
     // rustls only selects a protocol we offered; on the direct path one must
     // have been selected (an offer without it was refused above or by rustls).
-    if path == Path::DirectTls && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+    if path == Path::DirectTls && conn.alpn_protocol() != Some(ALPN_POSTGRESQL) {
         return Err(Failed::closed(SessionError::DirectTlsWithoutAlpn));
     }
-    Ok(MaybeTls::Tls(Box::new(stream)))
+    let info = TlsInfo {
+        sni: conn.server_name().map(str::to_string),
+        version: match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "other",
+        },
+        cipher: conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown"),
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    };
+    Ok((MaybeTls::Tls(Box::new(stream)), info))
+}
+
+/// The closed `reason` label for a failed handshake.
+pub fn failure_reason(error: &SessionError) -> &'static str {
+    use rustls::CertificateError as C;
+    match error {
+        SessionError::Timeout(_) => "timeout",
+        SessionError::DirectTlsWithoutAlpn => "alpn_mismatch",
+        SessionError::Tls(io) => match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
+            Some(rustls::Error::NoApplicationProtocol) => "alpn_mismatch",
+            Some(rustls::Error::PeerIncompatible(_)) => "protocol_version",
+            Some(rustls::Error::InvalidCertificate(c)) => match c {
+                C::UnknownIssuer => "unknown_ca",
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => "expired",
+                C::Revoked => "revoked",
+                _ => "bad_certificate",
+            },
+            _ => "other",
+        },
+        _ => "other",
+    }
 }
 
 async fn read_inside_tls(
     mut stream: ClientStream,
     path: Path,
+    info: TlsInfo,
     deadline: Instant,
 ) -> Result<Negotiated, Failed> {
     let packet = match timeout_at(deadline, read_packet(&mut stream)).await {
@@ -257,6 +351,7 @@ async fn read_inside_tls(
             stream,
             startup,
             path,
+            tls: Some(info),
         }),
     }
 }

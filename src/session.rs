@@ -1,10 +1,13 @@
 //! One client connection, from accept to close:
-//! negotiation (under the handshake deadline) → backend link (same
-//! deadline) → authentication relay → byte relay.
+//! negotiation (under the handshake deadline) → access decision → backend
+//! link (same deadline) → authentication relay (or proxy login) → byte
+//! relay.
 //!
 //! The handshake deadline covers everything until the backend has been
 //! reached; after that the backend's own `authentication_timeout` bounds
-//! the login, and the session lasts as long as both peers want.
+//! the login, and the session lasts as long as both peers want. Every
+//! outcome lands in the connection's [`SessionRecord`], which settles the
+//! metrics and writes the audit event when it is dropped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,28 +23,28 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::app::Shared;
+use crate::audit::SessionRecord;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
 use crate::config::BackendAuth;
 use crate::error::{Phase, SessionError};
-use crate::negotiate::{negotiate, Failed, Negotiated, Path};
-use crate::protocol::StartupPacket;
-use crate::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
+use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
+use crate::protocol::{MessageReader, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
 use crate::relay::{relay, Side};
 use crate::startup::{relay_authentication, ExchangeError, Outcome};
 use crate::stream::{BackendStream, ClientStream};
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Drives one connection. Never panics on peer input; every failure is
-/// logged once, with the reason, here.
+/// logged once, with the reason, here. Cancel-safe: dropping the future
+/// (forced close at shutdown) still settles metrics and the audit event.
 pub async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let metrics = &shared.metrics;
-    metrics.connections_accepted.inc();
-    metrics.connections_active.inc();
     let _ = tcp.set_nodelay(true);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
@@ -49,63 +52,79 @@ pub async fn run(
         id,
         %peer,
         path = tracing::field::Empty,
+        sni = tracing::field::Empty,
+        tls_version = tracing::field::Empty,
+        cipher = tracing::field::Empty,
+        client_identity = tracing::field::Empty,
         user = tracing::field::Empty,
         database = tracing::field::Empty
     );
-    let reason = run_in_span(tcp, &shared, permit.is_some())
-        .instrument(span)
-        .await;
-    drop(permit);
-    metrics
-        .connections_closed
-        .with_label_values(&[reason])
-        .inc();
-    metrics.connections_active.dec();
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-async fn run_in_span(tcp: TcpStream, shared: &Shared, admitted: bool) -> &'static str {
-    match drive(tcp, shared, admitted).await {
-        Ok(reason) => reason,
-        Err(failed) => {
-            report(&failed.error);
-            if let (Some(mut stream), Some(err)) = (failed.stream, failed.error.client_error()) {
-                let _ = stream.write_all(&err.to_bytes()).await;
-                let _ = stream.shutdown().await;
-            }
-            if matches!(failed.error, SessionError::TooManyConnections) {
-                "limit"
-            } else {
-                "error"
+    let mut record = SessionRecord::new(shared.clone(), id, peer);
+    async {
+        match drive(tcp, &shared, permit.is_some(), &mut record).await {
+            Ok(reason) => record.close_reason = reason,
+            Err(failed) => {
+                report(&failed.error);
+                record.error = Some(failed.error.kind());
+                record.close_reason = match failed.error {
+                    SessionError::TooManyConnections => "limit",
+                    _ => "error",
+                };
+                if let (Some(mut stream), Some(err)) = (failed.stream, failed.error.client_error())
+                {
+                    let _ = stream.write_all(&err.to_bytes()).await;
+                    let _ = stream.shutdown().await;
+                }
             }
         }
     }
+    .instrument(span)
+    .await;
+    drop(permit);
 }
 
 fn report(error: &SessionError) {
     match error {
         SessionError::ClientEof(_) => debug!(kind = error.kind(), "{error}"),
+        SessionError::Tls(_) | SessionError::DirectTlsWithoutAlpn | SessionError::Timeout(_) => {
+            warn!(
+                kind = error.kind(),
+                reason = crate::negotiate::failure_reason(error),
+                "TLS handshake refused: {error}"
+            )
+        }
         _ => warn!(kind = error.kind(), "connection refused: {error}"),
     }
 }
 
 /// Returns the close reason label on a normal end.
-async fn drive(tcp: TcpStream, shared: &Shared, admitted: bool) -> Result<&'static str, Failed> {
+async fn drive(
+    tcp: TcpStream,
+    shared: &Shared,
+    admitted: bool,
+    record: &mut SessionRecord,
+) -> Result<&'static str, Failed> {
     let deadline = Instant::now() + shared.handshake_timeout;
-    let negotiated = negotiate(tcp, shared.tls.as_ref(), shared.allow_plaintext, deadline).await;
-    let negotiated = negotiated.inspect_err(|f| {
+    let ctx = Ctx {
+        tls: shared.tls.as_ref(),
+        allow_plaintext: shared.allow_plaintext,
+        deadline,
+        metrics: &shared.metrics,
+    };
+    let negotiated = negotiate(tcp, &ctx).await.inspect_err(|f| {
         let label = match f.error {
-            SessionError::PlaintextRefused => "plaintext_rejected",
-            SessionError::EarlyData => "early_data",
-            SessionError::Protocol(_) => "protocol_violation",
-            _ => "failed",
+            SessionError::PlaintextRefused => Some("plaintext_rejected"),
+            SessionError::EarlyData => Some("early_data"),
+            SessionError::Protocol(_) => Some("protocol_violation"),
+            _ => None,
         };
-        shared
-            .metrics
-            .negotiations
-            .with_label_values(&[label])
-            .inc();
+        if let Some(label) = label {
+            shared
+                .metrics
+                .negotiations
+                .with_label_values(&[label])
+                .inc();
+        }
     })?;
     match negotiated {
         Negotiated::Cancel { packet, path } => {
@@ -114,6 +133,7 @@ async fn drive(tcp: TcpStream, shared: &Shared, admitted: bool) -> Result<&'stat
                 .negotiations
                 .with_label_values(&["cancel"])
                 .inc();
+            record.path = "cancel";
             debug!(path = path.as_str(), "forwarding CancelRequest");
             if let Err(e) = shared.connector.forward_cancel(&packet).await {
                 warn!(kind = e.kind(), "cancel request not delivered: {e}");
@@ -124,6 +144,7 @@ async fn drive(tcp: TcpStream, shared: &Shared, admitted: bool) -> Result<&'stat
             stream,
             startup,
             path,
+            tls,
         } => {
             let label = match path {
                 Path::Plaintext => "plaintext_allowed",
@@ -134,13 +155,22 @@ async fn drive(tcp: TcpStream, shared: &Shared, admitted: bool) -> Result<&'stat
                 .negotiations
                 .with_label_values(&[label])
                 .inc();
+            record.path = path.as_str();
+            let span = tracing::Span::current();
+            span.record("path", path.as_str());
+            if let Some(info) = &tls {
+                span.record("sni", info.sni.as_deref().unwrap_or(""));
+                span.record("tls_version", info.version);
+                span.record("cipher", info.cipher);
+            }
+            record.tls = tls;
             if !admitted {
                 return Err(Failed {
                     error: SessionError::TooManyConnections,
                     stream: Some(stream),
                 });
             }
-            session(stream, startup, path, shared, deadline).await
+            session(stream, startup, shared, deadline, record).await
         }
     }
 }
@@ -148,9 +178,9 @@ async fn drive(tcp: TcpStream, shared: &Shared, admitted: bool) -> Result<&'stat
 async fn session(
     mut client: ClientStream,
     startup: StartupPacket,
-    path: Path,
     shared: &Shared,
     deadline: Instant,
+    record: &mut SessionRecord,
 ) -> Result<&'static str, Failed> {
     let fail = |error, stream| {
         Err(Failed {
@@ -165,10 +195,29 @@ async fn session(
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("database", database.as_str());
-    span.record("path", path.as_str());
-    let access = match authorize(shared, &client, &user, &database) {
+    record.user = Some(user.clone());
+    record.database = Some(database.clone());
+    let access = authorize(shared, &client, &user, &database);
+    if let Err(SessionError::RoleDenied { identity, .. }) = &access {
+        record.identity = Some(identity.clone());
+    }
+    let access = match access {
         Ok(a) => a,
         Err(e) => return fail(e, client),
+    };
+    record.backend_auth = match &access {
+        Access::Password => "passthrough",
+        Access::Certificate {
+            identity,
+            backend_auth,
+        } => {
+            span.record("client_identity", identity.as_str());
+            record.identity = Some(identity.clone());
+            match backend_auth {
+                BackendAuth::Passthrough => "passthrough",
+                BackendAuth::Proxy => "proxy",
+            }
+        }
     };
     let to_backend = match startup.for_backend() {
         Ok(bytes) => bytes,
@@ -188,11 +237,7 @@ async fn session(
         return fail(backend_io(shared, e), client);
     }
     let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
-    if let Access::Certificate {
-        backend_auth: BackendAuth::Proxy,
-        ..
-    } = access
-    {
+    if record.backend_auth == "proxy" {
         match proxy_login(shared, &mut from_backend, &mut backend, &user).await {
             Ok(()) => {
                 if let Err(e) = client.write_all(&AUTHENTICATION_OK).await {
@@ -208,8 +253,7 @@ async fn session(
             }
             Err(source) => {
                 warn!("proxy login failed: {source}");
-                let error = SessionError::ProxyLogin { user, source };
-                return fail(error, client);
+                return fail(SessionError::ProxyLogin { user, source }, client);
             }
         }
     }
@@ -231,12 +275,13 @@ async fn session(
             );
         }
     };
+    record.role = Some(user);
     info!(
         backend = shared.connector.address(),
         sslmode = shared.connector.sslmode().as_str(),
         "session established"
     );
-    Ok(relay_session(client, backend, client_surplus, backend_surplus, shared).await)
+    Ok(relay_session(client, backend, client_surplus, backend_surplus, record).await)
 }
 
 /// AuthenticationOk, sent by the proxy after it logged in on the client's
@@ -255,17 +300,24 @@ async fn connect_backend(
     shared: &Shared,
     deadline: Instant,
 ) -> Result<BackendStream, SessionError> {
+    let started = std::time::Instant::now();
     let result = timeout_at(deadline, shared.connector.connect()).await;
+    let sslmode = shared.connector.sslmode().as_str();
+    let m = &shared.metrics;
     let label = match &result {
         Err(_) => "timeout",
         Ok(Err(e)) => e.kind(),
-        Ok(Ok(_)) => "ok",
+        Ok(Ok(_)) => {
+            m.backend_connect_duration
+                .with_label_values(&[sslmode])
+                .observe(started.elapsed().as_secs_f64());
+            "ok"
+        }
     };
-    shared
-        .metrics
-        .backend_connects
-        .with_label_values(&[label])
+    m.backend_connects
+        .with_label_values(&[label, sslmode])
         .inc();
+    shared.backend_health.record(label == "ok");
     match result {
         Err(_) => Err(SessionError::Timeout(Phase::BackendConnect)),
         Ok(r) => r.map_err(SessionError::from),
@@ -314,7 +366,7 @@ async fn relay_session(
     mut backend: BackendStream,
     client_surplus: BytesMut,
     backend_surplus: BytesMut,
-    shared: &Shared,
+    record: &mut SessionRecord,
 ) -> &'static str {
     if !backend_surplus.is_empty() && client.write_all(&backend_surplus).await.is_err() {
         return "error";
@@ -322,41 +374,24 @@ async fn relay_session(
     if !client_surplus.is_empty() && backend.write_all(&client_surplus).await.is_err() {
         return "error";
     }
-    let started = std::time::Instant::now();
-    let result = relay(&mut client, &mut backend).await;
-    let bytes = &shared.metrics.bytes_relayed;
-    match result {
+    record.relay_started = Some(std::time::Instant::now());
+    match relay(&mut client, &mut backend).await {
         Ok(stats) => {
-            bytes
-                .with_label_values(&["client_to_backend"])
-                .inc_by(stats.client_to_backend);
-            bytes
-                .with_label_values(&["backend_to_client"])
-                .inc_by(stats.backend_to_client);
-            info!(
-                bytes_client_to_backend = stats.client_to_backend,
-                bytes_backend_to_client = stats.backend_to_client,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "session ended"
-            );
+            record.bytes_client_to_backend = stats.client_to_backend;
+            record.bytes_backend_to_client = stats.backend_to_client;
             match stats.first_eof {
                 Some(Side::Backend) => "backend_eof",
                 _ => "client_eof",
             }
         }
         Err(e) => {
-            bytes
-                .with_label_values(&["client_to_backend"])
-                .inc_by(e.stats.client_to_backend);
-            bytes
-                .with_label_values(&["backend_to_client"])
-                .inc_by(e.stats.backend_to_client);
-            warn!(
-                failed_side = e.side.as_str(),
-                bytes_client_to_backend = e.stats.client_to_backend,
-                bytes_backend_to_client = e.stats.backend_to_client,
-                "session ended: {e}"
-            );
+            record.bytes_client_to_backend = e.stats.client_to_backend;
+            record.bytes_backend_to_client = e.stats.backend_to_client;
+            warn!(failed_side = e.side.as_str(), "session ended: {e}");
+            record.error = Some(match e.side {
+                Side::Client => "client_io",
+                Side::Backend => "backend_io",
+            });
             "error"
         }
     }

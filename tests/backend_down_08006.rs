@@ -23,7 +23,7 @@ async fn backend_down_gives_08006() {
         "{err}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="connect"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="connect",sslmode="disable"}"#),
         1.0
     );
 

@@ -69,7 +69,7 @@ async fn backend_verify_full() {
         "{err}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="tls"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="tls",sslmode="verify-full"}"#),
         1.0
     );
 

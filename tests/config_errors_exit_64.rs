@@ -27,7 +27,7 @@ fn config_errors_exit_64() {
     let pki = Pki::generate(dir.path());
     let port = free_port();
     let good = format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        "[listen]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
         pki.server_chain.display(),
         pki.server_key.display()
     );

@@ -72,7 +72,8 @@ async fn denied_role_never_reaches_backend() {
     );
 
     // Denied role, with exact bytes: FATAL 28000, and no backend connection.
-    let connects_before = proxy.metric(r#"pgtls_backend_connects_total{result="ok"}"#);
+    let connects_before =
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#);
     let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
     tcp.write_all(&SSL_REQUEST).await.expect("ssl");
     assert_eq!(tcp.read_u8().await.expect("S"), b'S');
@@ -105,7 +106,7 @@ async fn denied_role_never_reaches_backend() {
         r#"certificate "team" is not allowed to connect as role "admin""#
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         connects_before
     );
     assert!(

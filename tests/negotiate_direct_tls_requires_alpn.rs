@@ -55,7 +55,7 @@ async fn direct_tls_requires_alpn() {
         "{err:?}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         1.0
     );
 }

@@ -47,7 +47,7 @@ async fn plaintext_refused_with_28000() {
         2.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         0.0
     );
 

@@ -34,7 +34,7 @@ async fn repeated_sslrequest() {
         assert_eq!(fields[&'C'], "08P01");
     }
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok"}"#),
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         0.0
     );
 }

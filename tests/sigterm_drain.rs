@@ -26,7 +26,7 @@ async fn sigterm_lets_running_query_finish() {
     });
     let port = free_port();
     let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n",
+        "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
         pki.server_chain.display(),
         pki.server_key.display(),
         pg.address()

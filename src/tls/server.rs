@@ -20,6 +20,8 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     pub leaf: CertSummary,
     pub chain_len: usize,
+    /// Every certificate served (leaf first), for expiry metrics.
+    pub chain: Vec<CertSummary>,
     pub client_auth: Option<ClientAuthSetup>,
 }
 
@@ -56,6 +58,10 @@ pub fn build(
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
     let chain_len = chain.len();
+    let summaries = chain
+        .iter()
+        .map(|c| CertSummary::parse(c).map_err(|r| FileError::new("tls.cert", cert_path, r)))
+        .collect::<Result<Vec<_>, _>>()?;
     let client_auth = client_auth::build(client)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
@@ -83,6 +89,7 @@ pub fn build(
         config: Arc::new(config),
         leaf,
         chain_len,
+        chain: summaries,
         client_auth,
     }))
 }

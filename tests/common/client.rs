@@ -186,3 +186,28 @@ pub fn with_cert(conn: &str, cert: &super::pki::CertFiles) -> String {
         cert.key.display()
     )
 }
+
+/// A minimal HTTP/1.1 GET or POST against the admin listener: (status, body).
+pub async fn http(method: &str, url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut tcp = TcpStream::connect(host).await.expect("connect admin");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

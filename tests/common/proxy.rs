@@ -15,6 +15,7 @@ use super::pki::Pki;
 pub fn config(pki: &Pki, backend: &str) -> Config {
     let mut c = Config::default();
     c.listen.address = "127.0.0.1:0".into();
+    c.admin.address = "127.0.0.1:0".into();
     c.tls.cert = Some(pki.server_chain.clone());
     c.tls.key = Some(pki.server_key.clone());
     c.backend.address = backend.into();
@@ -49,6 +50,14 @@ impl TestProxy {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Base URL of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.handle().admin_addr().expect("admin enabled")
+        )
     }
 
     pub fn handle(&self) -> &Handle {

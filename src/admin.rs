@@ -1,0 +1,167 @@
+//! The admin HTTP listener, on its own address (never the data port):
+//! `GET /metrics` (Prometheus text format), `GET /live`, `GET /ready`.
+//! Served with hyper (HTTP/1.1); nothing here parses HTTP by hand.
+//!
+//! `/ready` answers 200 once the listener is bound and certificates are
+//! loaded, and 503 while draining or when the last N backend connects
+//! failed (`admin.unready_after_backend_failures`), so a load balancer
+//! stops sending clients to a replica that cannot serve them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Consecutive backend connect failures, for readiness.
+#[derive(Default)]
+pub struct BackendHealth {
+    consecutive_failures: AtomicU32,
+}
+
+impl BackendHealth {
+    pub fn record(&self, ok: bool) {
+        if ok {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        } else {
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// What `/ready` looks at.
+pub struct Readiness {
+    pub serving: AtomicBool,
+    pub draining: AtomicBool,
+    pub unready_after_backend_failures: u32,
+}
+
+impl Readiness {
+    pub fn new(unready_after_backend_failures: u32) -> Readiness {
+        Readiness {
+            serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            unready_after_backend_failures,
+        }
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn check(&self, health: &BackendHealth) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err("starting".into());
+        }
+        let n = self.unready_after_backend_failures;
+        let failures = health.consecutive_failures();
+        if n > 0 && failures >= n {
+            return Err(format!(
+                "backend unreachable: the last {failures} connect attempts failed"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything the admin handlers read.
+pub struct AdminState {
+    pub registry: Registry,
+    pub readiness: Arc<Readiness>,
+    pub health: Arc<crate::app::Shared>,
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!("admin accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone(), peer));
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!("admin connection: {e}") },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<AdminState>,
+    _peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let shared = &state.health;
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            shared.metrics.ready.set(i64::from(
+                state.readiness.check(&shared.backend_health).is_ok(),
+            ));
+            let encoder = TextEncoder::new();
+            let mut body = Vec::with_capacity(16 * 1024);
+            match encoder.encode(&state.registry.gather(), &mut body) {
+                Ok(()) => {
+                    let mut r = text(StatusCode::OK, body);
+                    if let Ok(v) = hyper::header::HeaderValue::from_str(encoder.format_type()) {
+                        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+                    }
+                    r
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics failed: {e}\n"),
+                ),
+            }
+        }
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => match state.readiness.check(&shared.backend_health) {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        (_, "/metrics" | "/live" | "/ready") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /live or /ready\n",
+        ),
+    })
+}
