@@ -1,5 +1,6 @@
 //! The admin HTTP listener, on its own address (never the data port):
-//! `GET /metrics` (Prometheus text format), `GET /live`, `GET /ready`.
+//! `GET /metrics` (Prometheus text format), `GET /live`, `GET /ready`, and
+//! `POST /reload` (loopback peers only).
 //! Served with hyper (HTTP/1.1); nothing here parses HTTP by hand.
 //!
 //! `/ready` answers 200 once the listener is bound and certificates are
@@ -83,7 +84,8 @@ impl Readiness {
 pub struct AdminState {
     pub registry: Registry,
     pub readiness: Arc<Readiness>,
-    pub health: Arc<crate::app::Shared>,
+    pub shared: Arc<crate::app::Shared>,
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// Serves until `stop` is cancelled.
@@ -126,9 +128,9 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<AdminState>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let shared = &state.health;
+    let shared = &state.shared;
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             shared.metrics.ready.set(i64::from(
@@ -158,7 +160,19 @@ async fn handle(
                 format!("not ready: {why}\n"),
             ),
         },
+        (&Method::POST, "/reload") if !peer.ip().is_loopback() => text(
+            StatusCode::FORBIDDEN,
+            "reload is allowed from loopback addresses only\n",
+        ),
+        (&Method::POST, "/reload") => match state.reloader.reload().await {
+            Ok(()) => text(StatusCode::OK, "reloaded\n"),
+            Err(e) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload failed, old configuration kept: {e}\n"),
+            ),
+        },
         (_, "/metrics" | "/live" | "/ready") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /live or /ready\n",

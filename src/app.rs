@@ -1,45 +1,50 @@
 //! Composition root: turns a validated [`Config`] into shared state, binds
-//! the listener and returns a [`Handle`] that tests use exactly as `main`
-//! does (bound address, graceful shutdown).
+//! the listeners and returns a [`Handle`] that tests use exactly as `main`
+//! does (bound addresses, reload, graceful shutdown).
 //!
 //! Everything that can fail because of a file or a key fails in
-//! [`prepare`], before any port is bound.
+//! [`prepare`], before any port is bound. Reloadable state lives in one
+//! [`Runtime`] behind an `ArcSwap`: a reload builds and validates a whole
+//! new one and swaps it atomically; each connection reads the current one
+//! once, at accept, and keeps it for its lifetime.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::Registry;
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{AdminState, BackendHealth, Readiness};
-use crate::backend::login::Secret;
-use crate::backend::Connector;
-use crate::config::{ClientAuthMode, Config, ConfigError};
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::rolemap::{RoleMap, RuleError};
-use crate::tls::client_auth::CrlSummary;
-use crate::tls::pem::{CertSummary, FileError};
-use crate::{session, tls};
+use crate::rolemap::RuleError;
+use crate::runtime::Runtime;
+use crate::session;
+use crate::tls::pem::FileError;
 
-/// State every session reads; built once at start-up.
+/// Applies a new log filter; `Err` names what was wrong with it.
+pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// State every session reads.
 pub struct Shared {
-    pub tls: Option<Arc<ServerConfig>>,
-    pub client_auth: ClientAuthMode,
-    pub rolemap: RoleMap,
-    pub credentials: HashMap<String, Secret>,
-    pub allow_plaintext: bool,
-    pub connector: Connector,
-    pub handshake_timeout: Duration,
+    pub runtime: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub backend_health: BackendHealth,
+    pub cancels: CancelRegistry,
+    /// Full TLS handshakes in progress (`limits.max_handshakes_in_flight`).
+    pub handshake_slots: Semaphore,
+    /// Fires when the grace period is over: sessions stop at a message
+    /// boundary and tell their client FATAL 57P01.
+    pub terminate: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +57,7 @@ pub enum StartError {
     Rules(#[from] RuleError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot listen on {address} (listen.address): {source}")]
+    #[error("cannot listen on {address}: {source}")]
     Bind {
         address: String,
         source: std::io::Error,
@@ -61,7 +66,7 @@ pub enum StartError {
 
 impl StartError {
     /// Exit status: 64 (EX_USAGE) for configuration, 69 (EX_UNAVAILABLE)
-    /// when the address cannot be bound.
+    /// when an address cannot be bound.
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Bind { .. } => 69,
@@ -74,116 +79,36 @@ impl StartError {
 pub struct Prepared {
     pub config: Config,
     pub shared: Arc<Shared>,
-    pub server_cert: Option<CertSummary>,
-    pub server_chain_len: usize,
-    pub client_cas: Vec<CertSummary>,
-    pub client_crls: Vec<CrlSummary>,
+}
+
+impl Prepared {
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.runtime.load_full()
+    }
 }
 
 /// Loads every file the config names and checks it; binds nothing.
 pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartError> {
-    let server = tls::server::build(&config.tls, &config.client_auth)?;
-    let connector = Connector::new(&config.backend)?;
-    let rolemap = RoleMap::compile(&config.rules)?;
-    let credentials = load_credentials(&config)?;
+    let runtime = Runtime::build(&config)?;
     let metrics = Metrics::new(registry)?;
-    let (tls, server_cert, server_chain_len, client_setup, server_chain) = match server {
-        Some(s) => (
-            Some(s.config),
-            Some(s.leaf),
-            s.chain_len,
-            s.client_auth,
-            s.chain,
-        ),
-        None => (None, None, 0, None, Vec::new()),
-    };
-    let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
-    metrics.set_certificates(&certificate_expiries(
-        &config,
-        &server_chain,
-        &client_cas,
-        &client_crls,
-    )?);
+    metrics.set_certificates(&runtime.certificates);
     let shared = Arc::new(Shared {
-        tls,
-        client_auth: config.client_auth.effective_mode(),
-        rolemap,
-        credentials,
-        allow_plaintext: config.tls.allow_plaintext,
-        connector,
-        handshake_timeout: config.limits.handshake_timeout,
+        runtime: ArcSwap::from_pointee(runtime),
         metrics,
         backend_health: BackendHealth::default(),
+        cancels: CancelRegistry::new(),
+        handshake_slots: Semaphore::new(config.limits.max_handshakes_in_flight),
+        terminate: CancellationToken::new(),
     });
-    Ok(Prepared {
-        config,
-        shared,
-        server_cert,
-        server_chain_len,
-        client_cas,
-        client_crls,
-    })
+    Ok(Prepared { config, shared })
 }
 
-/// (role, subject, not-after) for every certificate and CRL the config names.
-fn certificate_expiries(
-    config: &Config,
-    server_chain: &[CertSummary],
-    client_cas: &[CertSummary],
-    client_crls: &[CrlSummary],
-) -> Result<Vec<(&'static str, String, i64)>, StartError> {
-    let mut out = Vec::new();
-    out.extend(
-        server_chain
-            .iter()
-            .map(|c| ("server", c.subject.clone(), c.not_after)),
-    );
-    out.extend(
-        client_cas
-            .iter()
-            .map(|c| ("client_ca", c.subject.clone(), c.not_after)),
-    );
-    out.extend(
-        client_crls
-            .iter()
-            .filter_map(|c| Some(("crl", c.issuer.clone(), c.next_update?))),
-    );
-    if let Some(path) = &config.backend.sslcert {
-        for cert in crate::tls::pem::certs("backend.sslcert", path)? {
-            let c = CertSummary::parse(&cert)
-                .map_err(|r| FileError::new("backend.sslcert", path, r))?;
-            out.push(("backend_client", c.subject, c.not_after));
-        }
-    }
-    Ok(out)
-}
-
-/// Reads `[backend.credentials]` secrets from their files or variables.
-fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartError> {
-    let mut out = HashMap::new();
-    for (role, c) in &config.backend.credentials {
-        let value = match (&c.password_file, &c.password_env) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| {
-                    FileError::new(
-                        "backend.credentials",
-                        path,
-                        format!("{role}: cannot read: {e}"),
-                    )
-                })?,
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                StartError::Config(ConfigError::Invalid {
-                    key: "backend.credentials",
-                    reason: format!("{role}: environment variable {var} is not set"),
-                    origin: None,
-                })
-            })?,
-            (None, None) => continue,
-        };
-        out.insert(role.clone(), Secret::new(value));
-    }
-    Ok(out)
+/// Where reloads read from, and how the log filter is changed.
+#[derive(Default)]
+pub struct ReloadSource {
+    /// The config file; `None` reloads from defaults and environment only.
+    pub path: Option<PathBuf>,
+    pub log: Option<LogReloader>,
 }
 
 /// A running proxy.
@@ -198,43 +123,47 @@ pub struct Handle {
     readiness: Arc<Readiness>,
     admin_addr: Option<SocketAddr>,
     admin_stop: CancellationToken,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 /// What a shutdown did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
     pub sessions_at_start: usize,
-    pub forced_closed: usize,
+    pub cancelled_queries: usize,
+    pub terminated: usize,
 }
 
 /// Prepares and binds; sessions run on the current tokio runtime.
 pub async fn start(config: Config, registry: &Registry) -> Result<Handle, StartError> {
     let prepared = prepare(config, registry)?;
-    serve(prepared, registry).await
+    serve(prepared, registry, ReloadSource::default()).await
 }
 
 /// Binds the prepared state's listen (and admin) address and starts
 /// accepting. `registry` is the one `prepare` registered metrics on.
-pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, StartError> {
-    let readiness = Arc::new(Readiness::new(
-        prepared.config.admin.unready_after_backend_failures,
+pub async fn serve(
+    prepared: Prepared,
+    registry: &Registry,
+    source: ReloadSource,
+) -> Result<Handle, StartError> {
+    let config = &prepared.config;
+    let shared = prepared.shared.clone();
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        shared.clone(),
+        config.clone(),
+        source,
     ));
+    let readiness = Arc::new(Readiness::new(config.admin.unready_after_backend_failures));
     let admin_stop = CancellationToken::new();
-    let admin_addr = if prepared.config.admin.enabled {
-        let address = prepared.config.admin.address.clone();
-        let listener = TcpListener::bind(&address)
-            .await
-            .map_err(|source| StartError::Bind {
-                address: address.clone(),
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { address, source })?;
+    let admin_addr = if config.admin.enabled {
+        let listener = bind(&config.admin.address).await?;
+        let addr = local(&listener, &config.admin.address)?;
         let state = Arc::new(AdminState {
             registry: registry.clone(),
             readiness: readiness.clone(),
-            health: prepared.shared.clone(),
+            shared: shared.clone(),
+            reloader: reloader.clone(),
         });
         tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
         info!(%addr, "admin listening");
@@ -242,15 +171,9 @@ pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, St
     } else {
         None
     };
-    let address = prepared.config.listen.address.clone();
-    let listener = TcpListener::bind(&address)
-        .await
-        .map_err(|source| StartError::Bind { address, source })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        address: prepared.config.listen.address.clone(),
-        source,
-    })?;
-    let limit = match prepared.config.limits.max_connections {
+    let listener = bind(&config.listen.address).await?;
+    let local_addr = local(&listener, &config.listen.address)?;
+    let limit = match config.limits.max_connections {
         0 => Semaphore::MAX_PERMITS,
         n => n,
     };
@@ -258,7 +181,6 @@ pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, St
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let shared = prepared.shared.clone();
     let accept_task = tokio::spawn(accept_loop(
         listener,
         shared.clone(),
@@ -267,6 +189,9 @@ pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, St
         force_close.clone(),
         tracker.clone(),
     ));
+    if let Some(every) = config.reload.poll_interval {
+        tokio::spawn(reloader.clone().poll(every, stop_accepting.clone()));
+    }
     info!(%local_addr, "listening");
     readiness
         .serving
@@ -278,11 +203,28 @@ pub async fn serve(prepared: Prepared, registry: &Registry) -> Result<Handle, St
         force_close,
         tracker,
         accept_task,
-        grace_period: prepared.config.shutdown.grace_period,
+        grace_period: config.shutdown.grace_period,
         shared,
         readiness,
         admin_addr,
         admin_stop,
+        reloader,
+    })
+}
+
+async fn bind(address: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            address: address.to_string(),
+            source,
+        })
+}
+
+fn local(listener: &TcpListener, address: &str) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        address: address.to_string(),
+        source,
     })
 }
 
@@ -341,8 +283,15 @@ impl Handle {
         self.tracker.len()
     }
 
-    /// Stops accepting, waits up to the grace period for sessions to end
-    /// on their own, then closes the rest.
+    /// Reloads from the configured source (SIGHUP does the same).
+    pub async fn reload(&self) -> Result<(), String> {
+        self.reloader.reload().await
+    }
+
+    /// SIGTERM: /ready turns 503 and accepting stops; sessions get up to
+    /// the grace period to end on their own; then each running backend
+    /// query is cancelled and each client gets FATAL 57P01 at a message
+    /// boundary before its connection closes.
     pub async fn shutdown(self) -> DrainReport {
         self.readiness
             .draining
@@ -352,30 +301,46 @@ impl Handle {
         let _ = self.accept_task.await;
         self.tracker.close();
         let sessions_at_start = self.tracker.len();
-        info!(sessions = sessions_at_start, grace_period = ?self.grace_period, "draining");
-        let forced_closed = match tokio::time::timeout(self.grace_period, self.tracker.wait()).await
+        info!(sessions = sessions_at_start, grace_period = ?self.grace_period, "draining: stopped accepting");
+        let mut report = DrainReport {
+            sessions_at_start,
+            cancelled_queries: 0,
+            terminated: 0,
+        };
+        if tokio::time::timeout(self.grace_period, self.tracker.wait())
+            .await
+            .is_err()
         {
-            Ok(()) => 0,
-            Err(_) => {
-                let left = self.tracker.len();
-                warn!(
-                    sessions = left,
-                    "grace period over: closing remaining sessions"
+            report.terminated = self.tracker.len();
+            report.cancelled_queries = self.shared.cancels.cancel_all().await;
+            warn!(
+                sessions = report.terminated,
+                cancelled_queries = report.cancelled_queries,
+                "grace period over: cancelled running queries, terminating sessions with 57P01"
+            );
+            self.shared.terminate.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                error!(
+                    sessions = self.tracker.len(),
+                    "sessions did not stop in 5 s: closing them"
                 );
                 self.force_close.cancel();
                 self.tracker.wait().await;
-                left
             }
-        };
-        info!(sessions_at_start, forced_closed, "shutdown complete");
-        self.admin_stop.cancel();
-        DrainReport {
-            sessions_at_start,
-            forced_closed,
         }
+        info!(
+            sessions_at_start = report.sessions_at_start,
+            terminated = report.terminated,
+            "shutdown complete"
+        );
+        self.admin_stop.cancel();
+        report
     }
 
-    /// Closes everything at once (SIGINT).
+    /// SIGINT: closes everything at once.
     pub async fn abort(self) {
         self.readiness
             .draining

@@ -13,10 +13,13 @@ use std::time::Instant;
 use tracing::info;
 
 use crate::app::Shared;
+use crate::backend::Connector;
 use crate::negotiate::TlsInfo;
 
 pub struct SessionRecord {
     shared: Arc<Shared>,
+    /// The backend settings this connection uses (from its runtime).
+    connector: Arc<Connector>,
     started: Instant,
     pub id: u64,
     pub peer: SocketAddr,
@@ -39,11 +42,17 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
-    pub fn new(shared: Arc<Shared>, id: u64, peer: SocketAddr) -> SessionRecord {
+    pub fn new(
+        shared: Arc<Shared>,
+        connector: Arc<Connector>,
+        id: u64,
+        peer: SocketAddr,
+    ) -> SessionRecord {
         shared.metrics.connections_accepted.inc();
         shared.metrics.connections_active.inc();
         SessionRecord {
             shared,
+            connector,
             started: Instant::now(),
             id,
             peer,
@@ -80,7 +89,7 @@ impl Drop for SessionRecord {
             m.session_duration.observe(t.elapsed().as_secs_f64());
         }
         let tls = self.tls.clone().unwrap_or_default();
-        let backend = &self.shared.connector;
+        let backend = &self.connector;
         info!(
             target: "pgtls::audit",
             event = "session_end",

@@ -6,11 +6,12 @@
 
 use tracing::{info, warn};
 
-use crate::app::Shared;
 use crate::config::{BackendAuth, ClientAuthMode};
 use crate::error::SessionError;
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::rolemap::Decision;
+use crate::runtime::Runtime;
 use crate::stream::ClientStream;
 
 /// How the session may proceed.
@@ -26,16 +27,17 @@ pub enum Access {
 }
 
 pub fn authorize(
-    shared: &Shared,
+    rt: &Runtime,
+    metrics: &Metrics,
     client: &ClientStream,
     user: &str,
     database: &str,
 ) -> Result<Access, SessionError> {
-    if shared.client_auth == ClientAuthMode::None {
+    if rt.client_auth == ClientAuthMode::None {
         return Ok(Access::Password);
     }
     let Some(der) = client.peer_leaf() else {
-        if shared.client_auth == ClientAuthMode::Required {
+        if rt.client_auth == ClientAuthMode::Required {
             // Only a plaintext client gets here: TLS already demanded one.
             return Err(SessionError::ClientCertRequired);
         }
@@ -43,8 +45,8 @@ pub fn authorize(
     };
     let identity =
         Identity::from_der(der).map_err(|e| SessionError::BadClientCertificate(e.to_string()))?;
-    let decisions = &shared.metrics.role_decisions;
-    match shared.rolemap.decide(&identity, user, database) {
+    let decisions = &metrics.role_decisions;
+    match rt.rolemap.decide(&identity, user, database) {
         Decision::Allow {
             rule,
             kind,

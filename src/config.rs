@@ -29,6 +29,16 @@ pub struct Config {
     pub shutdown: Shutdown,
     pub log: Log,
     pub admin: Admin,
+    pub reload: Reload,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reload {
+    /// Check the config file and every file it names this often and reload
+    /// when one changed (mtime, size or inode). Off when absent.
+    #[serde(with = "humantime_serde::option")]
+    pub poll_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +245,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Client connections held at once; 0 means no limit.
     pub max_connections: usize,
+    /// Full TLS handshakes in progress at once; further clients wait (under
+    /// their handshake deadline). Bounds the CPU a handshake flood takes.
+    pub max_handshakes_in_flight: usize,
+    /// Close relayed sessions idle (no bytes either way) this long, with
+    /// FATAL 57P05. Off when absent.
+    #[serde(with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,6 +316,8 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_handshakes_in_flight: 256,
+            idle_timeout: None,
         }
     }
 }
@@ -466,6 +485,18 @@ impl Config {
             return Err(invalid(
                 "admin.address",
                 "is not a loopback address; set admin.allow_non_loopback = true to expose metrics and readiness beyond this host",
+            ));
+        }
+        if self.limits.max_handshakes_in_flight == 0 {
+            return Err(invalid(
+                "limits.max_handshakes_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(
+                "limits.idle_timeout",
+                "must be greater than 0 (omit it to turn it off)",
             ));
         }
         if self.limits.handshake_timeout.is_zero() {

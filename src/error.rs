@@ -21,6 +21,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 }
 
 /// The phase a deadline expired in.
@@ -82,6 +83,10 @@ pub enum SessionError {
         database: String,
         reason: crate::rolemap::DenyReason,
     },
+    #[error("terminated by the proxy's shutdown")]
+    AdminShutdown,
+    #[error("idle session timeout")]
+    IdleTimeout,
     #[error("proxy login as {user:?} failed: {source}")]
     ProxyLogin {
         user: String,
@@ -162,6 +167,8 @@ impl SessionError {
             SessionError::BadClientCertificate(_) => "bad_certificate",
             SessionError::RoleDenied { .. } => "role_denied",
             SessionError::ProxyLogin { .. } => "proxy_login",
+            SessionError::AdminShutdown => "shutdown",
+            SessionError::IdleTimeout => "idle_timeout",
         }
     }
 
@@ -206,6 +213,15 @@ impl SessionError {
             SessionError::TooManyConnections => ClientError::fatal(
                 TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already",
+            ),
+            SessionError::AdminShutdown => ClientError::fatal(
+                ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            )
+            .with_detail("pg-tls-proxy is shutting down."),
+            SessionError::IdleTimeout => ClientError::fatal(
+                IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
             ),
             SessionError::ClientCertRequired => ClientError::fatal(
                 INVALID_AUTHORIZATION,

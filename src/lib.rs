@@ -15,6 +15,9 @@
 //! - [`authorize`]: the per-startup access decision, logged and counted.
 //! - [`startup`]: the relayed authentication exchange and its one guard
 //!   (SCRAM channel binding through a TLS backend link).
+//! - [`cancel`]: proxy-issued cancel keys, the registry, rate limits.
+//! - [`runtime`]: the reloadable state, built and validated in one go.
+//! - [`reload`]: SIGHUP / POST /reload / file polling → atomic swap.
 //! - [`relay`]: the byte copy after authentication.
 //! - [`error`]: error kinds and what a client may see (SQLSTATE + text).
 //! - [`audit`]: the per-connection record, metrics settlement and audit event.
@@ -30,6 +33,7 @@ pub mod app;
 pub mod audit;
 pub mod authorize;
 pub mod backend;
+pub mod cancel;
 pub mod config;
 pub mod devcerts;
 pub mod error;
@@ -39,7 +43,9 @@ pub mod metrics;
 pub mod negotiate;
 pub mod protocol;
 pub mod relay;
+pub mod reload;
 pub mod rolemap;
+pub mod runtime;
 pub mod session;
 pub mod startup;
 pub mod stream;

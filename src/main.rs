@@ -91,16 +91,17 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     let c = &prepared.config;
+    let rt = prepared.runtime();
     println!("configuration OK");
     println!("listen.address      {}", c.listen.address);
-    match &prepared.server_cert {
+    match rt.server_chain.first() {
         Some(leaf) => {
             println!("tls.cert subject    {}", leaf.subject);
             println!("tls.cert issuer     {}", leaf.issuer);
             println!("tls.cert SANs       {}", leaf.sans.join(", "));
             println!(
                 "tls.cert chain      {} certificate(s)",
-                prepared.server_chain_len
+                rt.server_chain.len()
             );
             println!("tls.cert expires in {} days", leaf.days_left(unix_now()));
         }
@@ -121,14 +122,14 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     };
     println!("client_auth.mode    {mode}");
     let now = unix_now();
-    for ca in &prepared.client_cas {
+    for ca in &rt.client_cas {
         println!(
             "client_auth.ca      {} (expires in {} days)",
             ca.subject,
             ca.days_left(now)
         );
     }
-    for crl in &prepared.client_crls {
+    for crl in &rt.client_crls {
         let state = if crl.is_stale(now) {
             "STALE: past next_update"
         } else {
@@ -198,28 +199,43 @@ fn dev_certs(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> Exit
     }
 }
 
-fn init_tracing(c: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&c.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the subscriber; returns how to change its filter on reload.
+fn init_tracing(c: &Config) -> app::LogReloader {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{reload, Layer};
+    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| c.log.level.clone());
+    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|e| {
+        eprintln!("pg-tls-proxy: log filter {wanted:?} is invalid ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match c.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json().with_filter(filter))
+            .init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .init(),
     }
+    Box::new(move |level: &str| {
+        let next = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(next).map_err(|e| e.to_string())
+    })
 }
 
 fn run(config: Option<PathBuf>) -> ExitCode {
     let registry = prometheus::Registry::new();
+    let path = config.clone();
     let prepared = match load(config, &registry) {
         Ok(p) => p,
         Err(code) => return code,
     };
-    init_tracing(&prepared.config);
+    let log = init_tracing(&prepared.config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -231,21 +247,38 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let handle = match app::serve(prepared, &registry).await {
+        let source = app::ReloadSource {
+            path,
+            log: Some(log),
+        };
+        let handle = match app::serve(prepared, &registry, source).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("pg-tls-proxy: {e}");
                 return ExitCode::from(e.exit_code() as u8);
             }
         };
-        match wait_for_signal().await {
-            Signal::Terminate => {
-                tracing::info!("SIGTERM: draining");
-                handle.shutdown().await;
-            }
-            Signal::Interrupt => {
-                tracing::info!("SIGINT: closing now");
-                handle.abort().await;
+        let Some(mut signals) = Signals::new() else {
+            tracing::error!("cannot install signal handlers");
+            handle.abort().await;
+            return ExitCode::FAILURE;
+        };
+        loop {
+            match signals.next().await {
+                Signal::Hangup => {
+                    tracing::info!("SIGHUP: reloading");
+                    let _ = handle.reload().await;
+                }
+                Signal::Terminate => {
+                    tracing::info!("SIGTERM: draining");
+                    handle.shutdown().await;
+                    break;
+                }
+                Signal::Interrupt => {
+                    tracing::info!("SIGINT: closing now");
+                    handle.abort().await;
+                    break;
+                }
             }
         }
         ExitCode::SUCCESS
@@ -253,22 +286,32 @@ fn run(config: Option<PathBuf>) -> ExitCode {
 }
 
 enum Signal {
+    Hangup,
     Terminate,
     Interrupt,
 }
 
-async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed.
-        std::future::pending::<()>().await;
-        return Signal::Interrupt;
-    };
-    tokio::select! {
-        _ = term.recv() => Signal::Terminate,
-        _ = int.recv() => Signal::Interrupt,
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(Signals {
+            hup: signal(SignalKind::hangup()).ok()?,
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => Signal::Hangup,
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Interrupt,
+        }
     }
 }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub tls_sessions: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub tls_handshakes_in_flight: IntGauge,
+    pub cancel_requests: IntCounterVec,
     pub role_decisions: IntCounterVec,
     pub backend_connect_duration: HistogramVec,
     pub backend_connects: IntCounterVec,
@@ -144,7 +146,18 @@ impl Metrics {
         ))?;
         registry.register(Box::new(start_time.clone()))?;
         start_time.set(crate::tls::pem::unix_now() as f64);
+        let in_flight = IntGauge::with_opts(Opts::new(
+            "pgtls_tls_handshakes_in_flight",
+            "Client TLS handshakes holding an admission permit now (limits.max_handshakes_in_flight).",
+        ))?;
+        registry.register(Box::new(in_flight.clone()))?;
         let m = Metrics {
+            tls_handshakes_in_flight: in_flight,
+            cancel_requests: r.counters(
+                "pgtls_cancel_requests_total",
+                "CancelRequests received, by result (forwarded, unknown, rate_limited, failed).",
+                &["result"],
+            )?,
             connections_accepted: r.counter("pgtls_connections_accepted_total", "Client connections accepted.")?,
             connections_active: active,
             connections_closed: r.counters(
@@ -237,6 +250,9 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]);
+        }
+        for result in ["forwarded", "unknown", "rate_limited", "failed"] {
+            m.cancel_requests.with_label_values(&[result]);
         }
         Ok(m)
     }

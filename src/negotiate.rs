@@ -90,6 +90,8 @@ pub struct Ctx<'a> {
     pub allow_plaintext: bool,
     pub deadline: Instant,
     pub metrics: &'a Metrics,
+    /// Admission for TLS handshakes (`limits.max_handshakes_in_flight`).
+    pub handshake_slots: &'a tokio::sync::Semaphore,
 }
 
 /// A failure, with the stream when an ErrorResponse can still be sent on it.
@@ -232,7 +234,7 @@ async fn handshake(
     ctx: &Ctx<'_>,
 ) -> Result<(ClientStream, TlsInfo), Failed> {
     let started = std::time::Instant::now();
-    let result = handshake_inner(tcp, config, path, ctx.deadline).await;
+    let result = handshake_inner(tcp, config, path, ctx).await;
     match &result {
         Ok((_, info)) => {
             let m = ctx.metrics;
@@ -261,8 +263,9 @@ async fn handshake_inner(
     tcp: TcpStream,
     config: &Arc<ServerConfig>,
     path: Path,
-    deadline: Instant,
+    ctx: &Ctx<'_>,
 ) -> Result<(ClientStream, TlsInfo), Failed> {
+    let deadline = ctx.deadline;
     let timeout = || Failed::closed(SessionError::Timeout(Phase::TlsHandshake));
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let mut start = timeout_at(deadline, acceptor)
@@ -273,8 +276,18 @@ async fn handshake_inner(
         let _ = start.io.write_all(&ALERT_NO_APPLICATION_PROTOCOL).await;
         return Err(Failed::closed(SessionError::DirectTlsWithoutAlpn));
     }
-    let stream = timeout_at(deadline, start.into_stream(config.clone()))
+    // The expensive part (key exchange, signatures, certificate checks)
+    // runs under an admission permit, taken only once a ClientHello is in:
+    // silent sockets hold no permit, and a flood of handshakes cannot take
+    // all the CPU from established sessions.
+    let _permit = timeout_at(deadline, ctx.handshake_slots.acquire())
         .await
+        .map_err(|_| timeout())?
+        .map_err(|_| timeout())?;
+    ctx.metrics.tls_handshakes_in_flight.inc();
+    let accepted = timeout_at(deadline, start.into_stream(config.clone())).await;
+    ctx.metrics.tls_handshakes_in_flight.dec();
+    let stream = accepted
         .map_err(|_| timeout())?
         .map_err(|e| Failed::closed(SessionError::Tls(e)))?;
     let conn = stream.get_ref().1;

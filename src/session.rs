@@ -26,15 +26,25 @@ use crate::app::Shared;
 use crate::audit::SessionRecord;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
+use crate::cancel::{CancelTarget, Lookup};
 use crate::config::BackendAuth;
 use crate::error::{Phase, SessionError};
 use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
 use crate::protocol::{MessageReader, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
-use crate::relay::{relay, Side};
+use crate::relay::{relay, Ending, Options, Side};
+use crate::runtime::Runtime;
 use crate::startup::{relay_authentication, ExchangeError, Outcome};
 use crate::stream::{BackendStream, ClientStream};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What one connection reads: process-wide state and the runtime it
+/// started with.
+struct Conn<'a> {
+    shared: &'a Shared,
+    rt: &'a Runtime,
+    peer: SocketAddr,
+}
 
 /// Drives one connection. Never panics on peer input; every failure is
 /// logged once, with the reason, here. Cancel-safe: dropping the future
@@ -59,9 +69,17 @@ pub async fn run(
         user = tracing::field::Empty,
         database = tracing::field::Empty
     );
-    let mut record = SessionRecord::new(shared.clone(), id, peer);
+    // The runtime in force at accept serves this connection to its end,
+    // even across reloads.
+    let rt = shared.runtime.load_full();
+    let mut record = SessionRecord::new(shared.clone(), rt.connector.clone(), id, peer);
     async {
-        match drive(tcp, &shared, permit.is_some(), &mut record).await {
+        let conn = Conn {
+            shared: &shared,
+            rt: &rt,
+            peer,
+        };
+        match drive(tcp, &conn, permit.is_some(), &mut record).await {
             Ok(reason) => record.close_reason = reason,
             Err(failed) => {
                 report(&failed.error);
@@ -100,16 +118,18 @@ fn report(error: &SessionError) {
 /// Returns the close reason label on a normal end.
 async fn drive(
     tcp: TcpStream,
-    shared: &Shared,
+    conn: &Conn<'_>,
     admitted: bool,
     record: &mut SessionRecord,
 ) -> Result<&'static str, Failed> {
-    let deadline = Instant::now() + shared.handshake_timeout;
+    let (shared, rt) = (conn.shared, conn.rt);
+    let deadline = Instant::now() + rt.handshake_timeout;
     let ctx = Ctx {
-        tls: shared.tls.as_ref(),
-        allow_plaintext: shared.allow_plaintext,
+        tls: rt.tls.as_ref(),
+        allow_plaintext: rt.allow_plaintext,
         deadline,
         metrics: &shared.metrics,
+        handshake_slots: &shared.handshake_slots,
     };
     let negotiated = negotiate(tcp, &ctx).await.inspect_err(|f| {
         let label = match f.error {
@@ -134,10 +154,7 @@ async fn drive(
                 .with_label_values(&["cancel"])
                 .inc();
             record.path = "cancel";
-            debug!(path = path.as_str(), "forwarding CancelRequest");
-            if let Err(e) = shared.connector.forward_cancel(&packet).await {
-                warn!(kind = e.kind(), "cancel request not delivered: {e}");
-            }
+            forward_cancel(conn, &packet, path).await;
             Ok("client_eof")
         }
         Negotiated::Startup {
@@ -170,7 +187,7 @@ async fn drive(
                     stream: Some(stream),
                 });
             }
-            session(stream, startup, shared, deadline, record).await
+            session(stream, startup, conn, deadline, record).await
         }
     }
 }
@@ -178,10 +195,11 @@ async fn drive(
 async fn session(
     mut client: ClientStream,
     startup: StartupPacket,
-    shared: &Shared,
+    conn: &Conn<'_>,
     deadline: Instant,
     record: &mut SessionRecord,
 ) -> Result<&'static str, Failed> {
+    let (shared, rt) = (conn.shared, conn.rt);
     let fail = |error, stream| {
         Err(Failed {
             error,
@@ -197,7 +215,7 @@ async fn session(
     span.record("database", database.as_str());
     record.user = Some(user.clone());
     record.database = Some(database.clone());
-    let access = authorize(shared, &client, &user, &database);
+    let access = authorize(rt, &shared.metrics, &client, &user, &database);
     if let Err(SessionError::RoleDenied { identity, .. }) = &access {
         record.identity = Some(identity.clone());
     }
@@ -223,7 +241,7 @@ async fn session(
         Ok(bytes) => bytes,
         Err(e) => return fail(e.into(), client),
     };
-    let mut backend = match connect_backend(shared, deadline).await {
+    let mut backend = match connect_backend(conn, deadline).await {
         Ok(b) => b,
         Err(e) => return fail(e, client),
     };
@@ -234,11 +252,11 @@ async fn session(
         });
     }
     if let Err(e) = backend.write_all(&to_backend).await {
-        return fail(backend_io(shared, e), client);
+        return fail(backend_io(rt, e), client);
     }
     let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
     if record.backend_auth == "proxy" {
-        match proxy_login(shared, &mut from_backend, &mut backend, &user).await {
+        match proxy_login(conn, &mut from_backend, &mut backend, &user).await {
             Ok(()) => {
                 if let Err(e) = client.write_all(&AUTHENTICATION_OK).await {
                     return Err(Failed {
@@ -258,7 +276,26 @@ async fn session(
         }
     }
     let backend_tls = backend.is_tls();
-    let outcome = relay_authentication(&mut client, &mut backend, from_backend, backend_tls).await;
+    // The client gets a key of ours; the backend's stays in the registry,
+    // for exactly as long as this session.
+    let mut registration = None;
+    let mut issue_key = |backend_pid: i32, backend_secret: [u8; 4]| {
+        let (key, guard) = shared.cancels.register(CancelTarget {
+            backend_pid,
+            backend_secret,
+            connector: rt.connector.clone(),
+        });
+        registration = Some(guard);
+        key
+    };
+    let outcome = relay_authentication(
+        &mut client,
+        &mut backend,
+        from_backend,
+        backend_tls,
+        &mut issue_key,
+    )
+    .await;
     let (client_surplus, backend_surplus) = match outcome {
         Ok(Outcome::Ready {
             client_surplus,
@@ -269,40 +306,48 @@ async fn session(
         Err(ExchangeError::Session(e)) => return fail(e, client),
         Err(e) => {
             warn!("authentication relay failed: {e}");
-            return fail(
-                backend_io(shared, std::io::Error::other(e.to_string())),
-                client,
-            );
+            return fail(backend_io(rt, std::io::Error::other(e.to_string())), client);
         }
     };
     record.role = Some(user);
     info!(
-        backend = shared.connector.address(),
-        sslmode = shared.connector.sslmode().as_str(),
+        backend = rt.connector.address(),
+        sslmode = rt.connector.sslmode().as_str(),
         "session established"
     );
-    Ok(relay_session(client, backend, client_surplus, backend_surplus, record).await)
+    let reason = relay_session(
+        client,
+        backend,
+        client_surplus,
+        backend_surplus,
+        conn,
+        record,
+    )
+    .await;
+    drop(registration);
+    Ok(reason)
 }
 
 /// AuthenticationOk, sent by the proxy after it logged in on the client's
 /// behalf.
 const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
 
-fn backend_io(shared: &Shared, source: std::io::Error) -> SessionError {
+fn backend_io(rt: &Runtime, source: std::io::Error) -> SessionError {
     crate::backend::BackendError::Io {
-        address: shared.connector.address().to_string(),
+        address: rt.connector.address().to_string(),
         source,
     }
     .into()
 }
 
 async fn connect_backend(
-    shared: &Shared,
+    conn: &Conn<'_>,
     deadline: Instant,
 ) -> Result<BackendStream, SessionError> {
+    let (shared, rt) = (conn.shared, conn.rt);
     let started = std::time::Instant::now();
-    let result = timeout_at(deadline, shared.connector.connect()).await;
-    let sslmode = shared.connector.sslmode().as_str();
+    let result = timeout_at(deadline, rt.connector.connect()).await;
+    let sslmode = rt.connector.sslmode().as_str();
     let m = &shared.metrics;
     let label = match &result {
         Err(_) => "timeout",
@@ -325,15 +370,15 @@ async fn connect_backend(
 }
 
 async fn proxy_login(
-    shared: &Shared,
+    conn: &Conn<'_>,
     reader: &mut MessageReader,
     backend: &mut BackendStream,
     user: &str,
 ) -> Result<(), LoginError> {
     let end_point = backend.peer_leaf().map(login::tls_server_end_point);
-    let secret = shared.credentials.get(user);
+    let secret = conn.rt.credentials.get(user);
     let result = login::login(reader, backend, user, secret, end_point).await;
-    let logins = &shared.metrics.backend_logins;
+    let logins = &conn.shared.metrics.backend_logins;
     match &result {
         Ok(method) => {
             logins.with_label_values(&[method.as_str(), "ok"]).inc();
@@ -366,27 +411,40 @@ async fn relay_session(
     mut backend: BackendStream,
     client_surplus: BytesMut,
     backend_surplus: BytesMut,
+    conn: &Conn<'_>,
     record: &mut SessionRecord,
 ) -> &'static str {
-    if !backend_surplus.is_empty() && client.write_all(&backend_surplus).await.is_err() {
-        return "error";
-    }
-    if !client_surplus.is_empty() && backend.write_all(&client_surplus).await.is_err() {
-        return "error";
-    }
     record.relay_started = Some(std::time::Instant::now());
-    match relay(&mut client, &mut backend).await {
-        Ok(stats) => {
-            record.bytes_client_to_backend = stats.client_to_backend;
-            record.bytes_backend_to_client = stats.backend_to_client;
-            match stats.first_eof {
+    let options = Options {
+        terminate: Some(&conn.shared.terminate),
+        idle_timeout: conn.rt.idle_timeout,
+        to_client: &backend_surplus,
+        to_backend: &client_surplus,
+    };
+    let result = relay(&mut client, &mut backend, options).await;
+    let stats = match &result {
+        Ok(s) => *s,
+        Err(e) => e.stats,
+    };
+    record.bytes_client_to_backend = stats.client_to_backend;
+    record.bytes_backend_to_client = stats.backend_to_client;
+    match result {
+        Ok(stats) => match stats.ending {
+            Ending::Closed => match stats.first_eof {
                 Some(Side::Backend) => "backend_eof",
                 _ => "client_eof",
+            },
+            Ending::Terminated => {
+                end_with(&mut client, SessionError::AdminShutdown).await;
+                "shutdown"
             }
-        }
+            Ending::Idle => {
+                info!(idle_timeout = ?conn.rt.idle_timeout, "closing idle session");
+                end_with(&mut client, SessionError::IdleTimeout).await;
+                "limit"
+            }
+        },
         Err(e) => {
-            record.bytes_client_to_backend = e.stats.client_to_backend;
-            record.bytes_backend_to_client = e.stats.backend_to_client;
             warn!(failed_side = e.side.as_str(), "session ended: {e}");
             record.error = Some(match e.side {
                 Side::Client => "client_io",
@@ -395,4 +453,35 @@ async fn relay_session(
             "error"
         }
     }
+}
+
+/// Tells the client why the proxy is ending its session (at a message
+/// boundary), then closes.
+async fn end_with(client: &mut ClientStream, why: SessionError) {
+    if let Some(err) = why.client_error() {
+        let _ = client.write_all(&err.to_bytes()).await;
+    }
+    let _ = client.shutdown().await;
+}
+
+/// Looks up a CancelRequest's proxy key and forwards the backend's key
+/// over the backend link that session used. Never answers the client.
+async fn forward_cancel(conn: &Conn<'_>, packet: &[u8], path: Path) {
+    let metrics = &conn.shared.metrics;
+    let (lookup, target) = conn.shared.cancels.lookup(conn.peer.ip(), packet);
+    let result = match (lookup, target) {
+        (Lookup::Found, Some(target)) => {
+            match target.connector.forward_cancel(&target.packet()).await {
+                Ok(()) => "forwarded",
+                Err(e) => {
+                    warn!(kind = e.kind(), "cancel request not delivered: {e}");
+                    "failed"
+                }
+            }
+        }
+        (Lookup::RateLimited, _) => "rate_limited",
+        _ => "unknown",
+    };
+    debug!(path = path.as_str(), result, "CancelRequest");
+    metrics.cancel_requests.with_label_values(&[result]).inc();
 }

@@ -54,11 +54,14 @@ pub enum ExchangeError {
 /// Relays from the backend's first authentication message (or, after a
 /// proxy login, from what follows AuthenticationOk) to ReadyForQuery.
 /// `from_backend` carries whatever a previous reader had buffered.
+/// `issue_key` replaces the backend's BackendKeyData (pid, secret) with the
+/// proxy's own key; the backend's never reaches the client.
 pub async fn relay_authentication<C, B>(
     client: &mut C,
     backend: &mut B,
     mut from_backend: MessageReader,
     backend_tls: bool,
+    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
 ) -> Result<Outcome, ExchangeError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -73,8 +76,22 @@ where
             Err(ReadError::Io(e)) => return Err(ExchangeError::BackendIo(e)),
             Err(ReadError::Protocol(p)) => return Err(ExchangeError::BackendProtocol(p)),
         };
+        let mut frame = frame;
         let tag = frame.tag();
         let code = frame.auth_code();
+        if tag == b'K' {
+            // Protocol 3.0 (the only version we let through): pid + 4-byte secret.
+            let body = frame.body();
+            if body.len() != 8 {
+                return Err(ExchangeError::BackendProtocol(ProtocolError::Malformed(
+                    "BackendKeyData",
+                )));
+            }
+            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            let secret = [body[4], body[5], body[6], body[7]];
+            let key = issue_key(pid, secret);
+            frame.bytes[5..13].copy_from_slice(&key);
+        }
         if code == Some(AUTH_SASL) {
             plus_offered = offers_scram_plus(&frame);
         }

@@ -1,0 +1,157 @@
+//! Hot reload: SIGHUP, `POST /reload` on the admin listener, or a poll of
+//! the files (`reload.poll_interval`). Every reload reads the config file
+//! again, builds a whole new [`Runtime`] (key matches certificate, chains
+//! and CRLs parse, rules compile), and only then swaps it in atomically.
+//! On any error the old state stays, the error is logged with the file and
+//! reason, and `pgtls_config_reloads_total{result="failure"}` moves.
+//!
+//! Established sessions keep the TLS state and settings they started with
+//! and are never dropped; new connections use the new state. Keys that
+//! need a restart (listen and admin addresses, connection and handshake
+//! limits, grace period) are reported and left as they were.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::app::{ReloadSource, Shared};
+use crate::config::Config;
+use crate::runtime::Runtime;
+
+pub struct Reloader {
+    shared: Arc<Shared>,
+    source: ReloadSource,
+    /// The config in force; also serializes reloads.
+    current: Mutex<Config>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, config: Config, source: ReloadSource) -> Reloader {
+        Reloader {
+            shared,
+            source,
+            current: Mutex::new(config),
+        }
+    }
+
+    /// Reloads now; `Err` says why the old state was kept.
+    pub async fn reload(&self) -> Result<(), String> {
+        let mut current = self.current.lock().await;
+        let result = self.try_reload(&current);
+        let metrics = &self.shared.metrics;
+        match result {
+            Ok((config, runtime, pending)) => {
+                for key in pending {
+                    warn!(
+                        key,
+                        "changed in the config file, but applies only after a restart"
+                    );
+                }
+                metrics.set_certificates(&runtime.certificates);
+                self.shared.runtime.store(Arc::new(runtime));
+                *current = config;
+                metrics.config_reloads.with_label_values(&["success"]).inc();
+                info!("configuration reloaded: new connections use the new certificates and rules");
+                Ok(())
+            }
+            Err(e) => {
+                metrics.config_reloads.with_label_values(&["failure"]).inc();
+                error!("reload failed, keeping the running configuration: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn try_reload(&self, current: &Config) -> Result<(Config, Runtime, Vec<&'static str>), String> {
+        let mut config = Config::load(self.source.path.as_deref()).map_err(|e| e.to_string())?;
+        let pending = restart_needed(current, &config);
+        // Keep what only a restart can change, so the swapped state and the
+        // running listeners agree.
+        config.listen = current.listen.clone();
+        config.admin = current.admin.clone();
+        let runtime = Runtime::build(&config).map_err(|e| e.to_string())?;
+        if let Some(apply) = &self.source.log {
+            if std::env::var_os("RUST_LOG").is_none() {
+                apply(&runtime.log_level).map_err(|e| format!("log.level: {e}"))?;
+            }
+        }
+        Ok((config, runtime, pending))
+    }
+
+    /// Reloads whenever one of the watched files changes. Cancel-safe.
+    pub async fn poll(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut last = self.fingerprint().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let now = self.fingerprint().await;
+            if now != last {
+                // Debounce: writers often touch several files in a row.
+                tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+                info!("a watched file changed: reloading");
+                let _ = self.reload().await;
+                last = self.fingerprint().await;
+            }
+        }
+    }
+
+    async fn fingerprint(&self) -> Vec<Option<(std::time::SystemTime, u64, u64)>> {
+        use std::os::unix::fs::MetadataExt;
+        let current = self.current.lock().await;
+        watched_files(self.source.path.as_ref(), &current)
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+            })
+            .collect()
+    }
+}
+
+fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = config_path.into_iter().cloned().collect();
+    files.extend(c.tls.cert.iter().cloned());
+    files.extend(c.tls.key.iter().cloned());
+    files.extend(c.client_auth.ca.iter().cloned());
+    files.extend(c.client_auth.crl.iter().cloned());
+    files.extend(c.backend.sslrootcert.iter().cloned());
+    files.extend(c.backend.sslcert.iter().cloned());
+    files.extend(c.backend.sslkey.iter().cloned());
+    files.extend(
+        c.backend
+            .credentials
+            .values()
+            .filter_map(|c| c.password_file.clone()),
+    );
+    files
+}
+
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.listen.address != new.listen.address {
+        keys.push("listen.address");
+    }
+    if old.admin.address != new.admin.address || old.admin.enabled != new.admin.enabled {
+        keys.push("admin.address");
+    }
+    if old.limits.max_connections != new.limits.max_connections {
+        keys.push("limits.max_connections");
+    }
+    if old.limits.max_handshakes_in_flight != new.limits.max_handshakes_in_flight {
+        keys.push("limits.max_handshakes_in_flight");
+    }
+    if old.shutdown.grace_period != new.shutdown.grace_period {
+        keys.push("shutdown.grace_period");
+    }
+    if old.reload.poll_interval != new.reload.poll_interval {
+        keys.push("reload.poll_interval");
+    }
+    keys
+}

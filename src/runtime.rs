@@ -1,0 +1,133 @@
+//! The reloadable part of the proxy's state, built from a [`Config`] in one
+//! go and validated before anyone sees it: server certificate chain and
+//! key, client CA bundle and CRLs, role rules, backend link settings
+//! (including the proxy's client certificate), credentials, timeouts.
+//!
+//! A new `Runtime` always carries a new rustls `ServerConfig`, hence a
+//! fresh session-ticket key and an empty session cache: a resumed TLS
+//! session skips client-certificate verification, so after a CA or CRL
+//! change no old session may be resumed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+
+use crate::app::StartError;
+use crate::backend::login::Secret;
+use crate::backend::Connector;
+use crate::config::{ClientAuthMode, Config, ConfigError};
+use crate::rolemap::RoleMap;
+use crate::tls;
+use crate::tls::client_auth::CrlSummary;
+use crate::tls::pem::{CertSummary, FileError};
+
+pub struct Runtime {
+    pub tls: Option<Arc<ServerConfig>>,
+    pub allow_plaintext: bool,
+    pub client_auth: ClientAuthMode,
+    pub rolemap: RoleMap,
+    pub credentials: HashMap<String, Secret>,
+    pub connector: Arc<Connector>,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// What was loaded, for `check` and the expiry metrics.
+    pub server_chain: Vec<CertSummary>,
+    pub client_cas: Vec<CertSummary>,
+    pub client_crls: Vec<CrlSummary>,
+    pub certificates: Vec<(&'static str, String, i64)>,
+    pub log_level: String,
+}
+
+impl Runtime {
+    /// Reads every file the config names and checks it. Binds nothing.
+    pub fn build(config: &Config) -> Result<Runtime, StartError> {
+        let server = tls::server::build(&config.tls, &config.client_auth)?;
+        let connector = Arc::new(Connector::new(&config.backend)?);
+        let rolemap = RoleMap::compile(&config.rules)?;
+        let credentials = load_credentials(config)?;
+        let (tls, client_setup, server_chain) = match server {
+            Some(s) => (Some(s.config), s.client_auth, s.chain),
+            None => (None, None, Vec::new()),
+        };
+        let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
+        let certificates = certificate_expiries(config, &server_chain, &client_cas, &client_crls)?;
+        Ok(Runtime {
+            tls,
+            allow_plaintext: config.tls.allow_plaintext,
+            client_auth: config.client_auth.effective_mode(),
+            rolemap,
+            credentials,
+            connector,
+            handshake_timeout: config.limits.handshake_timeout,
+            idle_timeout: config.limits.idle_timeout,
+            server_chain,
+            client_cas,
+            client_crls,
+            certificates,
+            log_level: config.log.level.clone(),
+        })
+    }
+}
+
+/// (role, subject, not-after) for every certificate and CRL the config names.
+fn certificate_expiries(
+    config: &Config,
+    server_chain: &[CertSummary],
+    client_cas: &[CertSummary],
+    client_crls: &[CrlSummary],
+) -> Result<Vec<(&'static str, String, i64)>, StartError> {
+    let mut out = Vec::new();
+    out.extend(
+        server_chain
+            .iter()
+            .map(|c| ("server", c.subject.clone(), c.not_after)),
+    );
+    out.extend(
+        client_cas
+            .iter()
+            .map(|c| ("client_ca", c.subject.clone(), c.not_after)),
+    );
+    out.extend(
+        client_crls
+            .iter()
+            .filter_map(|c| Some(("crl", c.issuer.clone(), c.next_update?))),
+    );
+    if let Some(path) = &config.backend.sslcert {
+        for cert in tls::pem::certs("backend.sslcert", path)? {
+            let c = CertSummary::parse(&cert)
+                .map_err(|r| FileError::new("backend.sslcert", path, r))?;
+            out.push(("backend_client", c.subject, c.not_after));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `[backend.credentials]` secrets from their files or variables.
+fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartError> {
+    let mut out = HashMap::new();
+    for (role, c) in &config.backend.credentials {
+        let value = match (&c.password_file, &c.password_env) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| {
+                    FileError::new(
+                        "backend.credentials",
+                        path,
+                        format!("{role}: cannot read: {e}"),
+                    )
+                })?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                StartError::Config(ConfigError::Invalid {
+                    key: "backend.credentials",
+                    reason: format!("{role}: environment variable {var} is not set"),
+                    origin: None,
+                })
+            })?,
+            (None, None) => continue,
+        };
+        out.insert(role.clone(), Secret::new(value));
+    }
+    Ok(out)
+}
