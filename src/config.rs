@@ -207,6 +207,9 @@ pub struct Backend {
     pub sslcert: Option<PathBuf>,
     /// Key for `sslcert`.
     pub sslkey: Option<PathBuf>,
+    /// Which links present `sslcert`: "proxy_logins" (sessions of
+    /// `backend_auth = "proxy"` rules, and cancels) or "all".
+    pub sslcert_scope: SslCertScope,
     /// Name checked against the backend certificate and sent as SNI;
     /// defaults to the host part of `address`.
     pub server_name: Option<String>,
@@ -214,6 +217,14 @@ pub struct Backend {
     pub connect_timeout: Duration,
     /// Per-role secrets for `backend_auth = "proxy"` rules, by role name.
     pub credentials: std::collections::BTreeMap<String, Credential>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SslCertScope {
+    #[default]
+    ProxyLogins,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +254,10 @@ pub struct Limits {
     /// negotiation, TLS handshake, startup packet and backend connect.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// The whole login after the backend was reached (relayed or the
+    /// proxy's own), as PostgreSQL's authentication_timeout.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
     /// Client connections held at once; 0 means no limit.
     pub max_connections: usize,
     /// Full TLS handshakes in progress at once; further clients wait (under
@@ -304,6 +319,7 @@ impl Default for Backend {
             sslrootcert: None,
             sslcert: None,
             sslkey: None,
+            sslcert_scope: SslCertScope::ProxyLogins,
             server_name: None,
             connect_timeout: Duration::from_secs(5),
             credentials: Default::default(),
@@ -315,6 +331,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_handshakes_in_flight: 256,
             idle_timeout: None,
@@ -498,6 +515,9 @@ impl Config {
                 "limits.idle_timeout",
                 "must be greater than 0 (omit it to turn it off)",
             ));
+        }
+        if self.limits.auth_timeout.is_zero() {
+            return Err(invalid("limits.auth_timeout", "must be greater than 0"));
         }
         if self.limits.handshake_timeout.is_zero() {
             return Err(invalid(

@@ -21,6 +21,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const QUERY_CANCELED: &str = "57014";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 }
 
@@ -31,6 +32,7 @@ pub enum Phase {
     TlsHandshake,
     Startup,
     BackendConnect,
+    Authentication,
 }
 
 impl Phase {
@@ -40,6 +42,7 @@ impl Phase {
             Phase::TlsHandshake => "tls_handshake",
             Phase::Startup => "startup",
             Phase::BackendConnect => "backend_connect",
+            Phase::Authentication => "authentication",
         }
     }
 }
@@ -198,6 +201,10 @@ impl SessionError {
             SessionError::Timeout(Phase::BackendConnect) => ClientError::fatal(
                 CONNECTION_FAILURE,
                 "timed out connecting to the PostgreSQL server behind pg-tls-proxy",
+            ),
+            SessionError::Timeout(Phase::Authentication) => ClientError::fatal(
+                QUERY_CANCELED,
+                "canceling authentication due to timeout",
             ),
             SessionError::Timeout(phase) => ClientError::fatal(
                 PROTOCOL_VIOLATION,

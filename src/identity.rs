@@ -5,7 +5,10 @@
 //! Pure code, no I/O. It never verifies anything: it must only be given a
 //! certificate that rustls has already verified. Values are kept exactly as
 //! written: comparison is exact and case-sensitive, and a CN of
-//! `*.example.com` is a literal string, never a wildcard.
+//! `*.example.com` is a literal string, never a wildcard. The DN follows
+//! the string PostgreSQL compares for `clientname=DN` (OpenSSL's RFC 2253
+//! output: short names, non-ASCII bytes escaped as `\XX`), and `cn` is the
+//! first CN only, as PostgreSQL uses.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -70,9 +73,11 @@ impl Identity {
     pub fn from_der(der: &[u8]) -> Result<Identity, IdentityError> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError(e.to_string()))?;
         let subject = cert.subject();
+        // Only the first CN, as PostgreSQL (X509_NAME_get_text_by_NID) uses.
         let cn = subject
             .iter_common_name()
             .map(attribute_text)
+            .take(1)
             .collect::<Vec<_>>();
         let mut id = Identity {
             cn,
@@ -166,6 +171,12 @@ fn type_name(atv: &AttributeTypeAndValue<'_>) -> String {
         "2.5.4.9" => "STREET".into(),
         "0.9.2342.19200300.100.1.25" => "DC".into(),
         "0.9.2342.19200300.100.1.1" => "UID".into(),
+        // OpenSSL's short names, which PostgreSQL's RFC 2253 form uses.
+        "1.2.840.113549.1.9.1" => "emailAddress".into(),
+        "2.5.4.5" => "serialNumber".into(),
+        "2.5.4.4" => "SN".into(),
+        "2.5.4.42" => "GN".into(),
+        "2.5.4.12" => "title".into(),
         other => other.to_string(),
     }
 }
@@ -202,6 +213,13 @@ fn escape(value: &str) -> String {
             '#' if i == 0 => out.push_str("\\#"),
             ' ' if i == 0 || i == last => out.push_str("\\ "),
             '\0' => out.push_str("\\00"),
+            // OpenSSL's RFC 2253 output escapes every non-ASCII byte.
+            c if !c.is_ascii() => {
+                let mut utf8 = [0u8; 4];
+                for b in c.encode_utf8(&mut utf8).bytes() {
+                    out.push_str(&format!("\\{b:02X}"));
+                }
+            }
             _ => out.push(c),
         }
     }
@@ -253,6 +271,7 @@ mod tests {
         assert_eq!(escape(" a+b "), r"\ a\+b\ ");
         assert_eq!(escape("#x"), r"\#x");
         assert_eq!(escape("a\"b;c<d>e\\"), r#"a\"b\;c\<d\>e\\"#);
+        assert_eq!(escape("José"), r"Jos\C3\A9");
     }
 
     #[test]

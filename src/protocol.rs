@@ -43,18 +43,48 @@ pub struct StartupPacket {
     pub message: Startup,
 }
 
+/// PostgreSQL keeps names to `NAMEDATALEN - 1` bytes (pg_config_manual.h)
+/// and silently truncates longer ones in `ProcessStartupPacket`.
+pub const NAMEDATALEN: usize = 64;
+
 impl StartupPacket {
+    /// The user as sent; `None` when absent or empty (PostgreSQL refuses
+    /// both: "no PostgreSQL user name specified in startup packet").
     pub fn user(&self) -> Option<&str> {
-        self.message.parameters.get("user").map(String::as_str)
+        self.message
+            .parameters
+            .get("user")
+            .map(String::as_str)
+            .filter(|u| !u.is_empty())
     }
 
-    /// PostgreSQL defaults the database to the user name.
+    /// The database as PostgreSQL resolves it: absent or empty means the
+    /// user name.
     pub fn database(&self) -> Option<&str> {
         self.message
             .parameters
             .get("database")
-            .or_else(|| self.message.parameters.get("user"))
             .map(String::as_str)
+            .filter(|d| !d.is_empty())
+            .or_else(|| self.user())
+    }
+
+    /// The role and database PostgreSQL will actually use, for access
+    /// decisions: truncated as PostgreSQL truncates them (a 65-byte name
+    /// must not pass a rule as itself and log in as its 63-byte prefix),
+    /// and a physical replication connection is checked as database
+    /// "replication", as pg_hba does.
+    pub fn effective_names(&self) -> Option<(String, String)> {
+        let user = truncate_name(self.user()?);
+        let physical_replication = self.message.parameters.get("replication").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1")
+        });
+        let database = if physical_replication {
+            "replication".to_string()
+        } else {
+            truncate_name(self.database().unwrap_or_default())
+        };
+        Some((user, database))
     }
 
     /// `_pq_.` protocol options the client asked for (none are supported).
@@ -167,6 +197,11 @@ fn parse_startup(raw: BytesMut) -> Result<Packet, ReadError> {
     if !pairs_well_formed(&raw[8..]) {
         return Err(ProtocolError::Malformed("startup packet").into());
     }
+    if !names_are_utf8(&raw[8..]) {
+        return Err(
+            ProtocolError::Malformed("startup packet: user and database must be UTF-8").into(),
+        );
+    }
     let full_len = raw.len();
     let mut body = raw.clone();
     body.advance(4);
@@ -177,6 +212,33 @@ fn parse_startup(raw: BytesMut) -> Result<Packet, ReadError> {
         minor,
         message,
     }))
+}
+
+/// Clips to `NAMEDATALEN - 1` bytes on a character boundary (pg_mbcliplen).
+pub fn truncate_name(name: &str) -> String {
+    let mut end = name.len().min(NAMEDATALEN - 1);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+/// The user and database values must be UTF-8: access rules compare
+/// text, and a lossy decoding would let two different byte strings look
+/// alike to the rules while the backend sees the raw bytes.
+fn names_are_utf8(mut rest: &[u8]) -> bool {
+    while let Some(end) = rest.iter().position(|&b| b == 0) {
+        let key = &rest[..end];
+        rest = &rest[end + 1..];
+        let Some(vend) = rest.iter().position(|&b| b == 0) else {
+            return true;
+        };
+        if (key == b"user" || key == b"database") && std::str::from_utf8(&rest[..vend]).is_err() {
+            return false;
+        }
+        rest = &rest[vend + 1..];
+    }
+    true
 }
 
 /// Mirrors `ProcessStartupPacket`: name/value C strings, then one empty
@@ -345,6 +407,47 @@ mod tests {
         let fwd = s.for_backend().expect("encode");
         assert_eq!(&fwd[4..8], &196608i32.to_be_bytes());
         assert!(!fwd.windows(5).any(|w| w == b"_pq_."));
+    }
+
+    #[tokio::test]
+    async fn effective_names_follow_postgresql() {
+        let long = "a".repeat(70);
+        let raw = startup_bytes(196608, &[("user", &long), ("database", "")]);
+        let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
+            panic!()
+        };
+        let (user, db) = s.effective_names().expect("names");
+        assert_eq!(user.len(), 63);
+        assert_eq!(db, user, "an empty database means the user");
+        let raw = startup_bytes(
+            196608,
+            &[("user", "r"), ("database", "app"), ("replication", "true")],
+        );
+        let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
+            panic!()
+        };
+        assert_eq!(s.effective_names().expect("names").1, "replication");
+        assert_eq!(
+            truncate_name(&"é".repeat(40)).len(),
+            62,
+            "clipped on a character boundary"
+        );
+        let raw = startup_bytes(196608, &[("user", "")]);
+        let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
+            panic!()
+        };
+        assert!(s.effective_names().is_none(), "an empty user is no user");
+    }
+
+    #[tokio::test]
+    async fn non_utf8_names_refused() {
+        let mut raw = startup_bytes(196608, &[("user", "ab")]);
+        let at = raw.iter().position(|&b| b == b'a').expect("a");
+        raw[at] = 0xff;
+        assert!(matches!(
+            read_packet(&mut std::io::Cursor::new(raw)).await,
+            Err(ReadError::Protocol(ProtocolError::Malformed(_)))
+        ));
     }
 
     #[tokio::test]

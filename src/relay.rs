@@ -349,11 +349,8 @@ where
             }
         }
         if let Some(ending) = stopping {
-            return match down.poll_to_boundary(
-                cx,
-                Pin::new(&mut *backend),
-                Pin::new(&mut *client),
-            ) {
+            return match down.poll_to_boundary(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
+            {
                 Poll::Ready(Ok(())) => Poll::Ready(Ok(stats(&up, &down, first_eof, ending))),
                 Poll::Ready(Err(Failure::Read(e))) => Poll::Ready(Err(fail(
                     Side::Backend,

@@ -245,10 +245,17 @@ impl RoleMap {
             .iter()
             .enumerate()
             .map(|(index, rule)| {
-                let matched = id
+                // Prefer an identity value that allows, as `decide` does.
+                let all: Vec<(String, Vec<String>)> = id
                     .values(rule.kind)
                     .iter()
-                    .find_map(|v| rule.expand(v).map(|roles| (v.clone(), roles)));
+                    .filter_map(|v| rule.expand(v).map(|roles| (v.clone(), roles)))
+                    .collect();
+                let matched = all
+                    .iter()
+                    .find(|(_, roles)| roles.iter().any(|r| r == user))
+                    .or(all.first())
+                    .cloned();
                 let database_allowed = rule.database_allowed(database);
                 let allows = database_allowed
                     && matched

@@ -31,6 +31,7 @@ pub struct Runtime {
     pub credentials: HashMap<String, Secret>,
     pub connector: Arc<Connector>,
     pub handshake_timeout: Duration,
+    pub auth_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     /// What was loaded, for `check` and the expiry metrics.
     pub server_chain: Vec<CertSummary>,
@@ -61,6 +62,7 @@ impl Runtime {
             credentials,
             connector,
             handshake_timeout: config.limits.handshake_timeout,
+            auth_timeout: config.limits.auth_timeout,
             idle_timeout: config.limits.idle_timeout,
             server_chain,
             client_cas,

@@ -26,8 +26,9 @@ use crate::app::Shared;
 use crate::audit::SessionRecord;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
+use crate::backend::Purpose;
 use crate::cancel::{CancelTarget, Lookup};
-use crate::config::BackendAuth;
+use crate::config::{BackendAuth, SslMode};
 use crate::error::{Phase, SessionError};
 use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
 use crate::protocol::{MessageReader, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
@@ -206,10 +207,9 @@ async fn session(
             stream: Some(stream),
         })
     };
-    let Some(user) = startup.user().map(str::to_owned) else {
+    let Some((user, database)) = startup.effective_names() else {
         return fail(SessionError::NoUser, client);
     };
-    let database = startup.database().unwrap_or_default().to_owned();
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("database", database.as_str());
@@ -241,7 +241,11 @@ async fn session(
         Ok(bytes) => bytes,
         Err(e) => return fail(e.into(), client),
     };
-    let mut backend = match connect_backend(conn, deadline).await {
+    let purpose = match record.backend_auth {
+        "proxy" => Purpose::ProxyLogin,
+        _ => Purpose::Passthrough,
+    };
+    let mut backend = match connect_backend(conn, deadline, purpose).await {
         Ok(b) => b,
         Err(e) => return fail(e, client),
     };
@@ -254,28 +258,6 @@ async fn session(
     if let Err(e) = backend.write_all(&to_backend).await {
         return fail(backend_io(rt, e), client);
     }
-    let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
-    if record.backend_auth == "proxy" {
-        match proxy_login(conn, &mut from_backend, &mut backend, &user).await {
-            Ok(()) => {
-                if let Err(e) = client.write_all(&AUTHENTICATION_OK).await {
-                    return Err(Failed {
-                        error: SessionError::ClientIo(e),
-                        stream: None,
-                    });
-                }
-            }
-            Err(LoginError::Refused(frame)) => {
-                let _ = client.write_all(&frame).await;
-                return Ok("backend_eof");
-            }
-            Err(source) => {
-                warn!("proxy login failed: {source}");
-                return fail(SessionError::ProxyLogin { user, source }, client);
-            }
-        }
-    }
-    let backend_tls = backend.is_tls();
     // The client gets a key of ours; the backend's stays in the registry,
     // for exactly as long as this session.
     let mut registration = None;
@@ -288,14 +270,21 @@ async fn session(
         registration = Some(guard);
         key
     };
-    let outcome = relay_authentication(
+    let proxy_auth = record.backend_auth == "proxy";
+    let login = authenticate(
+        conn,
         &mut client,
         &mut backend,
-        from_backend,
-        backend_tls,
+        &user,
+        proxy_auth,
         &mut issue_key,
-    )
-    .await;
+    );
+    // Bounds the whole login, as PostgreSQL's authentication_timeout does:
+    // a peer that stops answering cannot hold a session slot.
+    let outcome = match tokio::time::timeout(rt.auth_timeout, login).await {
+        Ok(outcome) => outcome,
+        Err(_) => return fail(SessionError::Timeout(Phase::Authentication), client),
+    };
     let (client_surplus, backend_surplus) = match outcome {
         Ok(Outcome::Ready {
             client_surplus,
@@ -303,10 +292,18 @@ async fn session(
         }) => (client_surplus, backend_surplus),
         Ok(Outcome::BackendClosed) => return Ok("backend_eof"),
         Ok(Outcome::ClientClosed) => return Ok("client_eof"),
-        Err(ExchangeError::Session(e)) => return fail(e, client),
-        Err(e) => {
+        Err(AuthError::Relay(ExchangeError::Session(e))) => return fail(e, client),
+        Err(AuthError::Relay(e)) => {
             warn!("authentication relay failed: {e}");
             return fail(backend_io(rt, std::io::Error::other(e.to_string())), client);
+        }
+        Err(AuthError::Login(LoginError::Refused(frame))) => {
+            let _ = client.write_all(&frame).await;
+            return Ok("backend_eof");
+        }
+        Err(AuthError::Login(source)) => {
+            warn!("proxy login failed: {source}");
+            return fail(SessionError::ProxyLogin { user, source }, client);
         }
     };
     record.role = Some(user);
@@ -328,6 +325,37 @@ async fn session(
     Ok(reason)
 }
 
+enum AuthError {
+    Login(LoginError),
+    Relay(ExchangeError),
+}
+
+/// The login: the proxy's own (then AuthenticationOk to the client) or the
+/// backend's, relayed; either way up to the backend's ReadyForQuery.
+async fn authenticate(
+    conn: &Conn<'_>,
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    user: &str,
+    proxy_auth: bool,
+    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+) -> Result<Outcome, AuthError> {
+    let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
+    if proxy_auth {
+        proxy_login(conn, &mut from_backend, backend, user)
+            .await
+            .map_err(AuthError::Login)?;
+        client
+            .write_all(&AUTHENTICATION_OK)
+            .await
+            .map_err(|e| AuthError::Relay(ExchangeError::Session(SessionError::ClientIo(e))))?;
+    }
+    let backend_tls = backend.is_tls();
+    relay_authentication(client, backend, from_backend, backend_tls, issue_key)
+        .await
+        .map_err(AuthError::Relay)
+}
+
 /// AuthenticationOk, sent by the proxy after it logged in on the client's
 /// behalf.
 const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
@@ -343,10 +371,11 @@ fn backend_io(rt: &Runtime, source: std::io::Error) -> SessionError {
 async fn connect_backend(
     conn: &Conn<'_>,
     deadline: Instant,
+    purpose: Purpose,
 ) -> Result<BackendStream, SessionError> {
     let (shared, rt) = (conn.shared, conn.rt);
     let started = std::time::Instant::now();
-    let result = timeout_at(deadline, rt.connector.connect()).await;
+    let result = timeout_at(deadline, rt.connector.connect(purpose)).await;
     let sslmode = rt.connector.sslmode().as_str();
     let m = &shared.metrics;
     let label = match &result {
@@ -377,7 +406,11 @@ async fn proxy_login(
 ) -> Result<(), LoginError> {
     let end_point = backend.peer_leaf().map(login::tls_server_end_point);
     let secret = conn.rt.credentials.get(user);
-    let result = login::login(reader, backend, user, secret, end_point).await;
+    let verified = matches!(
+        conn.rt.connector.sslmode(),
+        SslMode::VerifyCa | SslMode::VerifyFull
+    );
+    let result = login::login(reader, backend, user, secret, end_point, verified).await;
     let logins = &conn.shared.metrics.backend_logins;
     match &result {
         Ok(method) => {

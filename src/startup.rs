@@ -24,7 +24,6 @@ const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// Authentication request codes that carry no request for a client answer.
 const AUTH_OK: i32 = 0;
 const AUTH_SASL: i32 = 10;
-const AUTH_SASL_FINAL: i32 = 12;
 
 /// How the exchange ended.
 pub enum Outcome {
@@ -69,43 +68,48 @@ where
 {
     let mut from_client = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
     let mut plus_offered = false;
+    // The next client message is a SASLInitialResponse.
+    let mut sasl_pending = false;
+    // Until AuthenticationOk the client may only answer auth requests; it
+    // is read whenever it speaks (a request may need no answer, as GSS's
+    // last token), so neither side can wedge the other. Afterwards its
+    // bytes wait for the relay.
+    let mut authenticated = false;
     loop {
-        let frame = match from_backend.next(backend).await {
-            Ok(f) => f,
-            Err(ReadError::Eof) => return Ok(Outcome::BackendClosed),
-            Err(ReadError::Io(e)) => return Err(ExchangeError::BackendIo(e)),
-            Err(ReadError::Protocol(p)) => return Err(ExchangeError::BackendProtocol(p)),
-        };
-        let mut frame = frame;
-        let tag = frame.tag();
-        let code = frame.auth_code();
-        if tag == b'K' {
-            // Protocol 3.0 (the only version we let through): pid + 4-byte secret.
-            let body = frame.body();
-            if body.len() != 8 {
-                return Err(ExchangeError::BackendProtocol(ProtocolError::Malformed(
-                    "BackendKeyData",
-                )));
+        tokio::select! {
+            frame = from_backend.next(backend) => {
+                let mut frame = match frame {
+                    Ok(f) => f,
+                    Err(ReadError::Eof) => return Ok(Outcome::BackendClosed),
+                    Err(ReadError::Io(e)) => return Err(ExchangeError::BackendIo(e)),
+                    Err(ReadError::Protocol(p)) => return Err(ExchangeError::BackendProtocol(p)),
+                };
+                let tag = frame.tag();
+                let code = frame.auth_code();
+                if tag == b'K' {
+                    rewrite_key(&mut frame, issue_key)?;
+                }
+                if code == Some(AUTH_SASL) {
+                    plus_offered = offers_scram_plus(&frame);
+                    sasl_pending = true;
+                }
+                if code == Some(AUTH_OK) {
+                    authenticated = true;
+                }
+                write_client(client, &frame.bytes).await?;
+                match tag {
+                    b'Z' => {
+                        return Ok(Outcome::Ready {
+                            client_surplus: from_client.into_buffer(),
+                            backend_surplus: from_backend.into_buffer(),
+                        })
+                    }
+                    b'E' => return Ok(Outcome::BackendClosed),
+                    _ => {}
+                }
             }
-            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-            let secret = [body[4], body[5], body[6], body[7]];
-            let key = issue_key(pid, secret);
-            frame.bytes[5..13].copy_from_slice(&key);
-        }
-        if code == Some(AUTH_SASL) {
-            plus_offered = offers_scram_plus(&frame);
-        }
-        write_client(client, &frame.bytes).await?;
-        match (tag, code) {
-            (b'Z', _) => {
-                return Ok(Outcome::Ready {
-                    client_surplus: from_client.into_buffer(),
-                    backend_surplus: from_backend.into_buffer(),
-                })
-            }
-            (b'E', _) => return Ok(Outcome::BackendClosed),
-            (b'R', Some(c)) if c != AUTH_OK && c != AUTH_SASL_FINAL => {
-                let answer = match from_client.next(client).await {
+            answer = from_client.next(client), if !authenticated => {
+                let answer = match answer {
                     Ok(f) => f,
                     Err(ReadError::Eof) => return Ok(Outcome::ClientClosed),
                     Err(e) => return Err(SessionError::from(e).into()),
@@ -120,7 +124,7 @@ where
                         .into())
                     }
                 }
-                if c == AUTH_SASL && backend_tls && plus_offered && chose_scram_plus(&answer)? {
+                if std::mem::take(&mut sasl_pending) && backend_tls && plus_offered && chose_scram_plus(&answer)? {
                     return Err(SessionError::ChannelBindingThroughTls.into());
                 }
                 backend
@@ -128,9 +132,27 @@ where
                     .await
                     .map_err(ExchangeError::BackendIo)?;
             }
-            _ => {}
         }
     }
+}
+
+/// Replaces the backend's BackendKeyData with the proxy's key. Protocol
+/// 3.0 (the only version we let through): pid + 4-byte secret.
+fn rewrite_key(
+    frame: &mut Frame,
+    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+) -> Result<(), ExchangeError> {
+    let body = frame.body();
+    if body.len() != 8 {
+        return Err(ExchangeError::BackendProtocol(ProtocolError::Malformed(
+            "BackendKeyData",
+        )));
+    }
+    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    let secret = [body[4], body[5], body[6], body[7]];
+    let key = issue_key(pid, secret);
+    frame.bytes[5..13].copy_from_slice(&key);
+    Ok(())
 }
 
 async fn write_client<C: AsyncWrite + Unpin>(

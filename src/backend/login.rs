@@ -51,6 +51,8 @@ pub enum LoginError {
     NoCredential(String),
     #[error("the backend asked for an authentication method the proxy cannot answer (code {0})")]
     Unsupported(i32),
+    #[error("the backend asked for a cleartext or MD5 password over a link whose certificate is not verified; the proxy answers those only with backend.sslmode verify-ca or verify-full")]
+    InsecurePassword,
     #[error("SCRAM exchange with the backend failed: {0}")]
     Scram(std::io::Error),
     #[error("backend closed the connection during login")]
@@ -102,6 +104,7 @@ pub async fn login<B>(
     user: &str,
     secret: Option<&Secret>,
     end_point: Option<Vec<u8>>,
+    verified_link: bool,
 ) -> Result<Method, LoginError>
 where
     B: AsyncRead + AsyncWrite + Unpin,
@@ -122,6 +125,9 @@ where
         let mut out = BytesMut::new();
         match code {
             0 => return Ok(method),
+            // A cleartext password (or its replayable MD5 hash) goes only
+            // to a server whose certificate was verified.
+            3 | 5 if !verified_link => return Err(LoginError::InsecurePassword),
             3 => {
                 method = Method::Cleartext;
                 frontend::password_message(need()?.bytes(), &mut out).map_err(LoginError::Io)?;

@@ -8,10 +8,8 @@
 pub mod login;
 pub mod tls;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -127,8 +125,22 @@ fn tls_reason(err: &std::io::Error) -> String {
 pub struct Connector {
     address: String,
     sslmode: SslMode,
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    tls: Option<(tls::ClientConfigs, ServerName<'static>)>,
+    /// `backend.sslcert_scope = "all"`: the proxy's certificate on every link.
+    cert_on_every_link: bool,
     connect_timeout: Duration,
+}
+
+/// What a backend link is for; decides whether the proxy presents its own
+/// client certificate. A passthrough session's login must rest on the
+/// client's own credentials, so by default it gets a link without the
+/// proxy's certificate: otherwise a pg_hba `cert` line meant for proxy
+/// logins would let any client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Passthrough,
+    ProxyLogin,
+    Cancel,
 }
 
 impl Connector {
@@ -139,13 +151,14 @@ impl Connector {
                 let name = tls::server_name(b).map_err(|reason| {
                     FileError::new("backend.server_name", std::path::Path::new("-"), reason)
                 })?;
-                Some((tls::client_config(b)?, name))
+                Some((tls::client_configs(b)?, name))
             }
         };
         Ok(Connector {
             address: b.address.clone(),
             sslmode: b.sslmode,
             tls,
+            cert_on_every_link: b.sslcert_scope == config::SslCertScope::All,
             connect_timeout: b.connect_timeout,
         })
     }
@@ -160,7 +173,7 @@ impl Connector {
 
     /// Opens a link, TLS-wrapped per `sslmode`. Cancel-safe: dropping it
     /// drops the half-open socket.
-    pub async fn connect(&self) -> Result<BackendStream, BackendError> {
+    pub async fn connect(&self, purpose: Purpose) -> Result<BackendStream, BackendError> {
         let address = &self.address;
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
             .await
@@ -179,8 +192,13 @@ impl Connector {
                 }
             })?;
         let _ = tcp.set_nodelay(true);
-        let Some((config, name)) = &self.tls else {
+        let Some((configs, name)) = &self.tls else {
             return Ok(MaybeTls::Plain(tcp));
+        };
+        let config = match (&configs.with_cert, purpose) {
+            (Some(c), Purpose::ProxyLogin | Purpose::Cancel) => c,
+            (Some(c), Purpose::Passthrough) if self.cert_on_every_link => c,
+            _ => &configs.anonymous,
         };
         let tcp = self.negotiate_ssl(tcp).await?;
         let connector = tokio_rustls::TlsConnector::from(config.clone());
@@ -221,7 +239,7 @@ impl Connector {
     /// Forwards a CancelRequest unchanged over a fresh link. PostgreSQL never
     /// answers one; the link is closed when the server closes it.
     pub async fn forward_cancel(&self, packet: &[u8]) -> Result<(), BackendError> {
-        let mut link = self.connect().await?;
+        let mut link = self.connect(Purpose::Cancel).await?;
         let io = |source| BackendError::Io {
             address: self.address.clone(),
             source,

@@ -19,8 +19,15 @@ use crate::config::{self, SslMode};
 use crate::tls::pem::{self, FileError};
 use crate::tls::{provider, ALPN_POSTGRESQL};
 
-/// Builds the backend `ClientConfig` for a TLS sslmode.
-pub fn client_config(b: &config::Backend) -> Result<Arc<ClientConfig>, FileError> {
+/// The backend `ClientConfig`s for a TLS sslmode: without a client
+/// certificate, and (when `backend.sslcert` is set) with the proxy's.
+pub struct ClientConfigs {
+    pub anonymous: Arc<ClientConfig>,
+    pub with_cert: Option<Arc<ClientConfig>>,
+}
+
+/// Builds the backend `ClientConfig`s for a TLS sslmode.
+pub fn client_configs(b: &config::Backend) -> Result<ClientConfigs, FileError> {
     let provider = provider();
     let origin = b
         .sslrootcert
@@ -52,18 +59,25 @@ pub fn client_config(b: &config::Backend) -> Result<Arc<ClientConfig>, FileError
     let builder = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let mut config = match (&b.sslcert, &b.sslkey) {
+    let with_cert = match (&b.sslcert, &b.sslkey) {
         (Some(cert), Some(key)) => {
             let chain = pem::certs("backend.sslcert", cert)?;
             let key_der = pem::private_key("backend.sslkey", key)?;
-            builder
+            let mut config = builder
+                .clone()
                 .with_client_auth_cert(chain, key_der)
-                .map_err(|e| FileError::new("backend.sslkey", key, e.to_string()))?
+                .map_err(|e| FileError::new("backend.sslkey", key, e.to_string()))?;
+            config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+            Some(Arc::new(config))
         }
-        _ => builder.with_no_client_auth(),
+        _ => None,
     };
-    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(Arc::new(config))
+    let mut anonymous = builder.with_no_client_auth();
+    anonymous.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(ClientConfigs {
+        anonymous: Arc::new(anonymous),
+        with_cert,
+    })
 }
 
 /// The name to verify and send as SNI: `server_name`, else the host part

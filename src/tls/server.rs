@@ -85,6 +85,9 @@ pub fn build(
         .map_err(|e| FileError::new("tls.cert", cert_path, e.to_string()))?;
     // 0-RTT data is replayable: never accept it.
     config.max_early_data_size = 0;
+    // TLS 1.2 without extended master secret is open to triple-handshake
+    // attacks; every client rustls, OpenSSL and NSS ship supports EMS.
+    config.require_ems = true;
     Ok(Some(ServerTls {
         config: Arc::new(config),
         leaf,
