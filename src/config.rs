@@ -81,6 +81,18 @@ pub struct ClientAuth {
     /// Which certificates need revocation status: "chain" (every issuer
     /// needs a CRL, as PostgreSQL's whole-chain check) or "leaf".
     pub crl_check: CrlCheck,
+    /// A CRL past its next_update: "warn" (it still applies; logged and
+    /// visible in metrics) or "deny" (refuse every certificate it covers,
+    /// as PostgreSQL/OpenSSL do).
+    pub crl_expired: CrlExpired,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlExpired {
+    #[default]
+    Warn,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,8 +6,10 @@
 //!
 //! Revocation defaults to whole-chain checking (every issuer needs a CRL),
 //! as PostgreSQL does with OpenSSL's CRL_CHECK_ALL. A CRL past its
-//! next_update still applies; it is reported (log + metric), never silently
-//! ignored and never used to lock everyone out.
+//! next_update still applies and is reported (log at load, and its
+//! next_update in `pgtls_certificate_not_after_timestamp_seconds`), unless
+//! `crl_expired = "deny"`, which refuses every certificate it covers, as
+//! PostgreSQL does.
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::pem::{self, unix_now, CertSummary, FileError};
 use super::provider;
-use crate::config::{ClientAuth, ClientAuthMode, CrlCheck};
+use crate::config::{ClientAuth, ClientAuthMode, CrlCheck, CrlExpired};
 
 /// A loaded CRL, for expiry reporting.
 #[derive(Debug, Clone)]
@@ -107,6 +109,9 @@ pub fn build(c: &ClientAuth) -> Result<Option<ClientAuthSetup>, FileError> {
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).with_crls(crls);
     if c.crl_check == CrlCheck::Leaf {
         builder = builder.only_check_end_entity_revocation();
+    }
+    if c.crl_expired == CrlExpired::Deny {
+        builder = builder.enforce_revocation_expiration();
     }
     if mode == ClientAuthMode::Optional {
         builder = builder.allow_unauthenticated();

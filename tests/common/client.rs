@@ -211,3 +211,22 @@ pub async fn http(method: &str, url: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The leaf certificate (DER) a TLS handshake with the proxy serves.
+pub async fn served_leaf(addr: std::net::SocketAddr, root: &Path) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
+    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
+    let tls = tls_upgrade(tcp, tls_client(root, &[])).await.expect("TLS");
+    tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+}
+
+/// DER of the first certificate in a PEM file.
+pub fn pem_der(path: &Path) -> Vec<u8> {
+    CertificateDer::pem_file_iter(path)
+        .expect("read PEM")
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}

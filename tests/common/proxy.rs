@@ -117,3 +117,42 @@ pub fn parse_rules(text: &str) -> Vec<pg_tls_proxy::config::RuleConfig> {
         .expect("rules TOML");
     parsed.rules
 }
+
+impl TestProxy {
+    /// Starts from a config file, as `main` does, so that `reload()` (and
+    /// POST /reload) re-read that file.
+    pub async fn start_from_file(path: &std::path::Path) -> TestProxy {
+        let config = Config::load(Some(path)).expect("config file");
+        let registry = Registry::new();
+        let prepared = app::prepare(config, &registry).expect("prepare");
+        let source = app::ReloadSource {
+            path: Some(path.to_path_buf()),
+            log: None,
+        };
+        let handle = app::serve(prepared, &registry, source)
+            .await
+            .expect("serve");
+        TestProxy {
+            addr: handle.local_addr(),
+            registry,
+            handle: Some(handle),
+        }
+    }
+}
+
+/// A TOML config file for `pki`'s server certificate (the paths given) in
+/// front of `backend`, with listeners on port 0, plus `extra` TOML.
+pub fn config_file(
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    backend: &str,
+    extra: &str,
+) -> PathBuf {
+    let text = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{backend}\"\n{extra}",
+        cert.display(),
+        key.display()
+    );
+    super::write_file(&dir.join("proxy.toml"), &text, 0o644, false)
+}
