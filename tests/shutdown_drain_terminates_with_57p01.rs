@@ -1,0 +1,88 @@
+//! Graceful drain: during the grace period a running query may finish and
+//! new clients are refused; when it is over, the running query is
+//! cancelled and the client gets FATAL 57P01 at a message boundary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{
+    error_fields, read_message, read_until_ready, startup_message, tls_client, tls_upgrade,
+    SSL_REQUEST,
+};
+use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pki::Pki;
+use common::proxy::{config, TestProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_then_terminate_with_57p01() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = PgCluster::start(PgOptions {
+        roles: vec![PgRole {
+            name: "bob".into(),
+            password: None,
+            superuser: false,
+        }],
+        ..Default::default()
+    });
+    let mut c = config(&pki, &pg.address());
+    c.shutdown.grace_period = Duration::from_millis(800);
+    let proxy = TestProxy::start(c).await;
+    let addr = proxy.addr;
+
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
+    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
+    let mut tls = tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
+        .await
+        .expect("TLS");
+    tls.write_all(&startup_message(&[
+        ("user", "bob"),
+        ("database", "postgres"),
+    ]))
+    .await
+    .expect("startup");
+    read_until_ready(&mut tls).await.expect("ready");
+    let sql = b"SELECT pg_sleep(60)\0";
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
+    q.extend_from_slice(sql);
+    tls.write_all(&q).await.expect("query");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let shutdown = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connections while draining"
+    );
+
+    // Everything the client receives until the connection closes.
+    let mut codes = Vec::new();
+    loop {
+        match read_message(&mut tls).await {
+            Ok((b'E', body)) => {
+                let f = error_fields(&body);
+                codes.push((f[&'S'].clone(), f[&'C'].clone()));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let report = shutdown.await.expect("join");
+    assert_eq!(report.sessions_at_start, 1);
+    assert_eq!(report.terminated, 1);
+    assert_eq!(report.cancelled_queries, 1);
+    assert_eq!(
+        codes.last(),
+        Some(&("FATAL".to_string(), "57P01".to_string())),
+        "the last word is admin_shutdown: {codes:?}"
+    );
+    assert!(
+        pg.log().contains("canceling statement due to user request"),
+        "the query was cancelled"
+    );
+}
