@@ -69,8 +69,9 @@ pub struct RelayStats {
 }
 
 /// Follows `type + int32 length` message headers through a byte stream.
+/// Public for the micro-benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
-struct Framer {
+pub struct Framer {
     header: [u8; 5],
     have: usize,
     body_left: usize,
@@ -78,13 +79,13 @@ struct Framer {
 }
 
 impl Framer {
-    fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.body_left == 0
     }
 
     /// Consumes up to `data.len()` bytes, stopping early right after a
     /// boundary when `stop_at_boundary`; returns the bytes consumed.
-    fn step(&mut self, data: &[u8], stop_at_boundary: bool) -> usize {
+    pub fn step(&mut self, data: &[u8], stop_at_boundary: bool) -> usize {
         let mut off = 0;
         while off < data.len() {
             if self.body_left > 0 {

@@ -1,0 +1,234 @@
+//! Micro-benchmarks (criterion): the per-connection and per-message work of
+//! the proxy, in memory, without sockets or PostgreSQL.
+//! `cargo bench --bench micro`; see benches/README.md for the comparison
+//! against PostgreSQL and PgBouncer.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use pg_tls_proxy::config::{BackendAuth, ClientAuth, RuleConfig, Tls, TlsVersion};
+use pg_tls_proxy::identity::{Identity, IdentityKind};
+use pg_tls_proxy::protocol::parse_packet;
+use pg_tls_proxy::relay::{relay, Framer, Options};
+use pg_tls_proxy::rolemap::RoleMap;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn startup_packet() -> BytesMut {
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "app_user"), ("database", "app"), ("application_name", "psql"), ("client_encoding", "UTF8")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = BytesMut::from(&((body.len() + 4) as i32).to_be_bytes()[..]);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn data_rows(n: usize, width: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * (width + 11));
+    for _ in 0..n {
+        out.push(b'D');
+        out.extend_from_slice(&((width + 10) as i32).to_be_bytes());
+        out.extend_from_slice(&1i16.to_be_bytes());
+        out.extend_from_slice(&(width as i32).to_be_bytes());
+        out.extend(std::iter::repeat_n(b'x', width));
+    }
+    out
+}
+
+fn rules(n: usize) -> Vec<RuleConfig> {
+    (0..n)
+        .map(|i| {
+            let (identity, pattern, exact, roles) = if i % 2 == 0 {
+                (IdentityKind::Cn, None, Some(format!("user{i}")), vec![format!("role{i}")])
+            } else {
+                (
+                    IdentityKind::Uri,
+                    Some(format!(r"spiffe://prod\.example\.org/ns/team{i}/sa/([a-z0-9-]+)")),
+                    None,
+                    vec![r"\1".to_string(), "readonly".to_string()],
+                )
+            };
+            RuleConfig {
+                identity,
+                pattern,
+                exact,
+                roles,
+                databases: None,
+                backend_auth: BackendAuth::Passthrough,
+            }
+        })
+        .collect()
+}
+
+fn bench_parsing(c: &mut Criterion) {
+    let packet = startup_packet();
+    c.bench_function("startup_packet_parse", |b| {
+        b.iter_batched(|| packet.clone(), |p| parse_packet(p).expect("valid"), BatchSize::SmallInput)
+    });
+    let rows = data_rows(1000, 100);
+    let mut g = c.benchmark_group("relay_header_scan");
+    g.throughput(Throughput::Bytes(rows.len() as u64));
+    g.bench_function("1000_datarows_of_100_bytes", |b| {
+        b.iter(|| {
+            let mut f = Framer::default();
+            for chunk in rows.chunks(16 * 1024) {
+                f.step(chunk, false);
+            }
+            f.at_boundary()
+        })
+    });
+    g.finish();
+}
+
+fn bench_rules(c: &mut Criterion) {
+    let id = Identity {
+        cn: vec!["workload".into()],
+        dn: "CN=workload,O=Acme".into(),
+        uris: vec!["spiffe://prod.example.org/ns/team9/sa/web".into()],
+        dns: vec!["web.team9.svc".into()],
+        ..Identity::default()
+    };
+    let mut g = c.benchmark_group("role_rules_decide");
+    for n in [10, 1000] {
+        let map = RoleMap::compile(&rules(n)).expect("rules");
+        g.bench_function(format!("{n}_rules_allow"), |b| b.iter(|| map.decide(&id, "web", "app")));
+        g.bench_function(format!("{n}_rules_deny"), |b| b.iter(|| map.decide(&id, "admin", "app")));
+    }
+    g.bench_function("compile_1000_rules", |b| b.iter(|| RoleMap::compile(&rules(1000)).expect("rules")));
+    g.finish();
+}
+
+/// Drives a client and a server connection to the end of the handshake
+/// through memory buffers.
+fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
+    let mut buf = Vec::with_capacity(8192);
+    while client.is_handshaking() || server.is_handshaking() {
+        buf.clear();
+        while client.wants_write() {
+            client.write_tls(&mut buf).expect("client write");
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).expect("server read");
+        }
+        server.process_new_packets().expect("server");
+        buf.clear();
+        while server.wants_write() {
+            server.write_tls(&mut buf).expect("server write");
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).expect("client read");
+        }
+        client.process_new_packets().expect("client");
+    }
+    // Deliver the session tickets sent after the handshake.
+    buf.clear();
+    while server.wants_write() {
+        server.write_tls(&mut buf).expect("server write");
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).expect("client read");
+    }
+    client.process_new_packets().expect("client");
+}
+
+fn bench_tls(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pg_tls_proxy::devcerts::write(dir.path(), &["localhost".into()], &[]).expect("dev certs");
+    let tls = Tls {
+        cert: Some(dir.path().join("server.crt")),
+        key: Some(dir.path().join("server.key")),
+        min_version: TlsVersion::V1_2,
+        allow_plaintext: false,
+    };
+    let server = pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
+        .expect("server config")
+        .expect("tls on")
+        .config;
+    let mut roots = RootCertStore::empty();
+    for cert in pg_tls_proxy::tls::pem::certs("ca", &dir.path().join("ca.crt")).expect("ca") {
+        roots.add(cert).expect("root");
+    }
+    let client = |resume: bool| {
+        let mut cfg = ClientConfig::builder_with_provider(pg_tls_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        if !resume {
+            cfg.resumption = rustls::client::Resumption::disabled();
+        }
+        Arc::new(cfg)
+    };
+    let name = || "localhost".try_into().expect("name");
+    let mut g = c.benchmark_group("tls_handshake_in_memory");
+    let full = client(false);
+    g.bench_function("full", |b| {
+        b.iter(|| {
+            let mut cc = ClientConnection::new(full.clone(), name()).expect("client");
+            let mut sc = ServerConnection::new(server.clone()).expect("server");
+            handshake(&mut cc, &mut sc);
+        })
+    });
+    let resumed = client(true);
+    let mut cc = ClientConnection::new(resumed.clone(), name()).expect("client");
+    let mut sc = ServerConnection::new(server.clone()).expect("server");
+    handshake(&mut cc, &mut sc);
+    g.bench_function("resumed", |b| {
+        b.iter(|| {
+            let mut cc = ClientConnection::new(resumed.clone(), name()).expect("client");
+            let mut sc = ServerConnection::new(server.clone()).expect("server");
+            handshake(&mut cc, &mut sc);
+            assert_eq!(cc.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+        })
+    });
+    g.finish();
+}
+
+fn bench_relay(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let rows = data_rows(TOTAL / 111, 100);
+    let mut g = c.benchmark_group("relay_throughput_duplex");
+    g.throughput(Throughput::Bytes(rows.len() as u64));
+    g.sample_size(10);
+    g.bench_function("64MiB_backend_to_client", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+                let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+                let relay = tokio::spawn(async move { relay(&mut client, &mut backend, Options::default()).await });
+                let data = rows.clone();
+                let writer = tokio::spawn(async move {
+                    backend_end.write_all(&data).await.expect("write");
+                    backend_end.shutdown().await.expect("shutdown");
+                    backend_end
+                });
+                let mut sink = vec![0u8; 64 * 1024];
+                let mut got = 0;
+                while got < rows.len() {
+                    got += client_end.read(&mut sink).await.expect("read");
+                }
+                client_end.shutdown().await.expect("shutdown");
+                drop(writer.await.expect("writer"));
+                relay.await.expect("join").expect("relay")
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_parsing, bench_rules, bench_tls, bench_relay);
+criterion_main!(benches);
