@@ -17,7 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn startup_packet() -> BytesMut {
     let mut body = 196608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", "app_user"), ("database", "app"), ("application_name", "psql"), ("client_encoding", "UTF8")] {
+    for (k, v) in [
+        ("user", "app_user"),
+        ("database", "app"),
+        ("application_name", "psql"),
+        ("client_encoding", "UTF8"),
+    ] {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
         body.extend_from_slice(v.as_bytes());
@@ -45,11 +50,18 @@ fn rules(n: usize) -> Vec<RuleConfig> {
     (0..n)
         .map(|i| {
             let (identity, pattern, exact, roles) = if i % 2 == 0 {
-                (IdentityKind::Cn, None, Some(format!("user{i}")), vec![format!("role{i}")])
+                (
+                    IdentityKind::Cn,
+                    None,
+                    Some(format!("user{i}")),
+                    vec![format!("role{i}")],
+                )
             } else {
                 (
                     IdentityKind::Uri,
-                    Some(format!(r"spiffe://prod\.example\.org/ns/team{i}/sa/([a-z0-9-]+)")),
+                    Some(format!(
+                        r"spiffe://prod\.example\.org/ns/team{i}/sa/([a-z0-9-]+)"
+                    )),
                     None,
                     vec![r"\1".to_string(), "readonly".to_string()],
                 )
@@ -69,7 +81,11 @@ fn rules(n: usize) -> Vec<RuleConfig> {
 fn bench_parsing(c: &mut Criterion) {
     let packet = startup_packet();
     c.bench_function("startup_packet_parse", |b| {
-        b.iter_batched(|| packet.clone(), |p| parse_packet(p).expect("valid"), BatchSize::SmallInput)
+        b.iter_batched(
+            || packet.clone(),
+            |p| parse_packet(p).expect("valid"),
+            BatchSize::SmallInput,
+        )
     });
     let rows = data_rows(1000, 100);
     let mut g = c.benchmark_group("relay_header_scan");
@@ -97,10 +113,16 @@ fn bench_rules(c: &mut Criterion) {
     let mut g = c.benchmark_group("role_rules_decide");
     for n in [10, 1000] {
         let map = RoleMap::compile(&rules(n)).expect("rules");
-        g.bench_function(format!("{n}_rules_allow"), |b| b.iter(|| map.decide(&id, "web", "app")));
-        g.bench_function(format!("{n}_rules_deny"), |b| b.iter(|| map.decide(&id, "admin", "app")));
+        g.bench_function(format!("{n}_rules_allow"), |b| {
+            b.iter(|| map.decide(&id, "web", "app"))
+        });
+        g.bench_function(format!("{n}_rules_deny"), |b| {
+            b.iter(|| map.decide(&id, "admin", "app"))
+        });
     }
-    g.bench_function("compile_1000_rules", |b| b.iter(|| RoleMap::compile(&rules(1000)).expect("rules")));
+    g.bench_function("compile_1000_rules", |b| {
+        b.iter(|| RoleMap::compile(&rules(1000)).expect("rules"))
+    });
     g.finish();
 }
 
@@ -209,7 +231,9 @@ fn bench_relay(c: &mut Criterion) {
             rt.block_on(async {
                 let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
                 let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
-                let relay = tokio::spawn(async move { relay(&mut client, &mut backend, Options::default()).await });
+                let relay = tokio::spawn(async move {
+                    relay(&mut client, &mut backend, Options::default()).await
+                });
                 let data = rows.clone();
                 let writer = tokio::spawn(async move {
                     backend_end.write_all(&data).await.expect("write");

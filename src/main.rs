@@ -270,7 +270,7 @@ fn run(config: Option<PathBuf>) -> ExitCode {
                     let _ = handle.reload().await;
                 }
                 Signal::Terminate => {
-                    tracing::info!("SIGTERM: draining");
+                    tracing::info!("SIGTERM received");
                     handle.shutdown().await;
                     break;
                 }

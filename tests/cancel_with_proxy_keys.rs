@@ -8,9 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::client::{
-    error_fields, read_until_ready, startup_message, tls_client, tls_upgrade, SSL_REQUEST,
-};
+use common::client::{error_fields, logged_in, query_message, read_until_ready};
 use common::pg::{PgCluster, PgOptions, PgRole};
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
@@ -92,19 +90,7 @@ async fn psql_ctrl_c_and_wrong_keys() {
     );
 
     // A raw session: the key it gets is not the backend's.
-    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
-    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
-    let mut tls = tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
-        .await
-        .expect("TLS");
-    tls.write_all(&startup_message(&[
-        ("user", "bob"),
-        ("database", "postgres"),
-    ]))
-    .await
-    .expect("startup");
-    let msgs = read_until_ready(&mut tls).await.expect("ready");
+    let (mut tls, msgs) = logged_in(proxy.addr, &pki.root_cert, "bob").await;
     let key = msgs
         .iter()
         .find(|(t, _)| *t == b'K')
@@ -112,14 +98,7 @@ async fn psql_ctrl_c_and_wrong_keys() {
         .1
         .clone();
     let seen_pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-    let query = |sql: &str| {
-        let mut q = vec![b'Q'];
-        q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-        q.extend_from_slice(sql.as_bytes());
-        q.push(0);
-        q
-    };
-    tls.write_all(&query("SELECT pg_backend_pid()"))
+    tls.write_all(&query_message("SELECT pg_backend_pid()"))
         .await
         .expect("query");
     let rows = read_until_ready(&mut tls).await.expect("pid");
@@ -131,7 +110,7 @@ async fn psql_ctrl_c_and_wrong_keys() {
     );
 
     // A wrong secret cancels nothing and gets no reply.
-    tls.write_all(&query("SELECT pg_sleep(1)"))
+    tls.write_all(&query_message("SELECT pg_sleep(1)"))
         .await
         .expect("query");
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::client::{
-    error_fields, psql, read_message, read_until_ready, startup_message, tls_client, tls_upgrade,
+    error_fields, psql, read_message, read_until_ready, startup_message, tls_client, tls_session,
     verify_full, SSL_REQUEST,
 };
 use common::pg::{PgCluster, PgOptions, PgRole};
@@ -19,12 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn session(proxy: &TestProxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
-    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
-    let mut tls = tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
-        .await
-        .expect("TLS");
+    let mut tls = tls_session(proxy.addr, &pki.root_cert).await;
     tls.write_all(&startup_message(&[
         ("user", "bob"),
         ("database", "postgres"),

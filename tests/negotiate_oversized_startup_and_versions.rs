@@ -4,23 +4,15 @@
 
 mod common;
 
-use common::client::{
-    error_fields, read_message, read_until_ready, startup_message_version, tls_client, tls_upgrade,
-    SSL_REQUEST,
-};
+use common::client::{error_fields, read_message, read_until_ready, startup_message_version};
 use common::pg::{PgCluster, PgOptions, PgRole};
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 async fn tls_session(proxy: &TestProxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
-    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
-    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
-    tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
-        .await
-        .expect("TLS")
+    common::client::tls_session(proxy.addr, &pki.root_cert).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ level = "debug"
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill");
-    wait_for(&mut rx, &mut lines, "draining").await;
+    wait_for(&mut rx, &mut lines, "draining: stopped accepting").await;
     let (status, body) = http("GET", &format!("{admin_url}/ready")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("draining"), "{body}");

@@ -6,14 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::client::{
-    error_fields, read_message, read_until_ready, startup_message, tls_client, tls_upgrade,
-    SSL_REQUEST,
-};
+use common::client::{error_fields, logged_in, query_message, read_message};
 use common::pg::{PgCluster, PgOptions, PgRole};
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,24 +30,10 @@ async fn drain_then_terminate_with_57p01() {
     let proxy = TestProxy::start(c).await;
     let addr = proxy.addr;
 
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
-    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
-    let mut tls = tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
+    let (mut tls, _) = logged_in(addr, &pki.root_cert, "bob").await;
+    tls.write_all(&query_message("SELECT pg_sleep(60)"))
         .await
-        .expect("TLS");
-    tls.write_all(&startup_message(&[
-        ("user", "bob"),
-        ("database", "postgres"),
-    ]))
-    .await
-    .expect("startup");
-    read_until_ready(&mut tls).await.expect("ready");
-    let sql = b"SELECT pg_sleep(60)\0";
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
-    q.extend_from_slice(sql);
-    tls.write_all(&q).await.expect("query");
+        .expect("query");
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let shutdown = tokio::spawn(proxy.shutdown());

@@ -63,7 +63,7 @@ async fn sigterm_lets_running_query_finish() {
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
-    wait_for(&mut rx, "draining").await;
+    wait_for(&mut rx, "draining: stopped accepting").await;
 
     // No new connections while draining.
     let refused = tokio_pg(&conn, &pki.root_cert).await;

@@ -230,3 +230,44 @@ pub fn pem_der(path: &Path) -> Vec<u8> {
         .expect("PEM")
         .to_vec()
 }
+
+/// SSLRequest, `S`, then TLS: a raw encrypted session to the proxy.
+pub async fn tls_session(
+    addr: std::net::SocketAddr,
+    root: &Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&SSL_REQUEST).await.expect("ssl");
+    assert_eq!(tcp.read_u8().await.expect("S"), b'S');
+    tls_upgrade(tcp, tls_client(root, &[])).await.expect("TLS")
+}
+
+/// A raw TLS session logged in as `user` (trust auth) to database
+/// postgres; returns it with the messages up to ReadyForQuery.
+pub async fn logged_in(
+    addr: std::net::SocketAddr,
+    root: &Path,
+    user: &str,
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    Vec<(u8, Vec<u8>)>,
+) {
+    let mut tls = tls_session(addr, root).await;
+    tls.write_all(&startup_message(&[
+        ("user", user),
+        ("database", "postgres"),
+    ]))
+    .await
+    .expect("startup");
+    let msgs = read_until_ready(&mut tls).await.expect("ready");
+    (tls, msgs)
+}
+
+/// A simple Query message.
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    q
+}
