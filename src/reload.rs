@@ -22,19 +22,27 @@ use crate::app::{ReloadSource, Shared};
 use crate::config::Config;
 use crate::runtime::Runtime;
 
+type Fingerprint = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
 pub struct Reloader {
     shared: Arc<Shared>,
     source: ReloadSource,
     /// The config in force; also serializes reloads.
     current: Mutex<Config>,
+    /// The watched files as the running state was built from them; taken
+    /// at start-up, so a change made before the poll task first runs is
+    /// still seen.
+    loaded: std::sync::Mutex<Fingerprint>,
 }
 
 impl Reloader {
     pub fn new(shared: Arc<Shared>, config: Config, source: ReloadSource) -> Reloader {
+        let loaded = fingerprint(source.path.as_ref(), &config);
         Reloader {
             shared,
             source,
             current: Mutex::new(config),
+            loaded: std::sync::Mutex::new(loaded),
         }
     }
 
@@ -84,35 +92,43 @@ impl Reloader {
 
     /// Reloads whenever one of the watched files changes. Cancel-safe.
     pub async fn poll(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut last = self.fingerprint().await;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            let now = self.fingerprint().await;
-            if now != last {
+            let now = self.current_fingerprint().await;
+            let changed = self.loaded.lock().map(|l| *l != now).unwrap_or(true);
+            if changed {
                 // Debounce: writers often touch several files in a row.
                 tokio::time::sleep(every.min(Duration::from_millis(500))).await;
                 info!("a watched file changed: reloading");
+                let before = self.current_fingerprint().await;
                 let _ = self.reload().await;
-                last = self.fingerprint().await;
+                // A failed reload is not retried until a file changes again.
+                if let Ok(mut loaded) = self.loaded.lock() {
+                    *loaded = before;
+                }
             }
         }
     }
 
-    async fn fingerprint(&self) -> Vec<Option<(std::time::SystemTime, u64, u64)>> {
-        use std::os::unix::fs::MetadataExt;
+    async fn current_fingerprint(&self) -> Fingerprint {
         let current = self.current.lock().await;
-        watched_files(self.source.path.as_ref(), &current)
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
-            })
-            .collect()
+        fingerprint(self.source.path.as_ref(), &current)
     }
+}
+
+fn fingerprint(config_path: Option<&PathBuf>, config: &Config) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    watched_files(config_path, config)
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+        })
+        .collect()
 }
 
 fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {

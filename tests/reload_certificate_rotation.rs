@@ -131,3 +131,38 @@ async fn rotate_certificate_and_survive_bad_reloads() {
         pem_der(&next.cert)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_interval_picks_up_a_renamed_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(&dir.path().join("pki"));
+    let pg = PgCluster::start(PgOptions::default());
+    let live = dir.path().join("live");
+    std::fs::create_dir(&live).expect("live dir");
+    replace(&live, "server.crt", &pki.server_chain);
+    replace(&live, "server.key", &pki.server_key);
+    let file = config_file(
+        dir.path(),
+        &live.join("server.crt"),
+        &live.join("server.key"),
+        &pg.address(),
+        "[reload]\npoll_interval = \"200ms\"\n",
+    );
+    let proxy = TestProxy::start_from_file(&file).await;
+    let next = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
+    replace(&live, "server.key", &next.key);
+    replace(&live, "server.crt", &next.chain);
+    let want = pem_der(&next.cert);
+    let mut served = Vec::new();
+    for _ in 0..100 {
+        served = served_leaf(proxy.addr, &pki.root_cert).await;
+        if served == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        served, want,
+        "the renamed certificate is served without a signal"
+    );
+}
