@@ -8,7 +8,8 @@
 #
 # Options: --quick, --rounds R (default 2), --sessions N (idle sessions for the
 # memory figure; default 1000, 200 with --quick), --only LETTERS (figures to
-# run, e.g. --only ad; default abcdef), --keep (keep the temp dir).
+# run, e.g. --only ad; default abcdef), --keep (keep the temp dir), --no-build
+# (use the existing target/release/pg-tls-proxy as it is).
 # Prints one table and writes it as Markdown to benches/results/latest.md
 # (benches/results/quick.md for --quick). See benches/README.md.
 set -euo pipefail
@@ -17,15 +18,16 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 helpers="$repo/benches/compare_helpers.py"
 
-mode=full rounds=2 sessions="" keep=0 only=abcdef
+mode=full rounds=2 sessions="" keep=0 only=abcdef build=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) mode=quick ;;
     --rounds) rounds=$2; shift ;;
     --sessions) sessions=$2; shift ;;
     --keep) keep=1 ;;
+    --no-build) build=0 ;;
     --only) only=$2; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -73,9 +75,14 @@ done
 PSQL="$PGBIN/psql" PGBENCH="$PGBIN/pgbench"
 echo "PostgreSQL: $("$PGBIN/postgres" --version); $(pgbouncer --version | head -n 1)"
 
-say "building pg-tls-proxy (cargo build --release --bin pg-tls-proxy)"
-cargo build --release --quiet --bin pg-tls-proxy
 PROXY="$repo/target/release/pg-tls-proxy"
+if [ "$build" = 1 ]; then
+  say "building pg-tls-proxy (cargo build --release --bin pg-tls-proxy)"
+  cargo build --release --quiet --bin pg-tls-proxy
+else
+  [ -x "$PROXY" ] || { echo "--no-build: $PROXY does not exist" >&2; exit 1; }
+  echo "--no-build: using $PROXY as built $(date -u -r "$PROXY" '+%Y-%m-%d %H:%M UTC')"
+fi
 
 # Enough descriptors for N idle sessions (client, proxy and PgBouncer each hold
 # one or two per session).
@@ -466,7 +473,9 @@ resumed_srv=$(curl -sf "http://127.0.0.1:$DENY_ADMIN/metrics" | awk '/^pgtls_tls
 echo "  proxy_deny server side: resumed handshakes counted = ${resumed_srv:-?}"
 
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]; then
+if [ "$build" = 0 ]; then
+  commit="binary built $(date -u -r "$PROXY" '+%Y-%m-%d %H:%M UTC') (--no-build; HEAD is $commit)"
+elif [ -n "$(git -C "$repo" status --porcelain -- src Cargo.toml Cargo.lock build.rs 2>/dev/null)" ]; then
   commit="$commit (+ uncommitted changes in src/)"
 fi
 meta="$work/meta.tsv"

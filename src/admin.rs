@@ -61,6 +61,12 @@ impl Readiness {
         }
     }
 
+    /// Whether readiness is down only because of backend failures.
+    pub fn backend_down(&self, health: &BackendHealth) -> bool {
+        let n = self.unready_after_backend_failures;
+        n > 0 && health.consecutive_failures() >= n
+    }
+
     /// `Ok` when ready, else the reason.
     pub fn check(&self, health: &BackendHealth) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
@@ -125,6 +131,16 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+fn ready_response(state: &AdminState, shared: &crate::app::Shared) -> Response<Full<Bytes>> {
+    match state.readiness.check(&shared.backend_health) {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     state: Arc<AdminState>,
@@ -153,13 +169,21 @@ async fn handle(
             }
         }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => match state.readiness.check(&shared.backend_health) {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-            ),
-        },
+        (&Method::GET, "/ready") => {
+            // While the backend counts as down, each readiness probe tries
+            // it once: without client traffic (which a load balancer stops
+            // sending to an unready replica) nothing else would notice its
+            // recovery.
+            if state.readiness.backend_down(&shared.backend_health) {
+                let connector = shared.runtime.load().connector.clone();
+                let ok = connector
+                    .connect(crate::backend::Purpose::Passthrough)
+                    .await
+                    .is_ok();
+                shared.backend_health.record(ok);
+            }
+            ready_response(&state, shared)
+        }
         (&Method::POST, "/reload") if !peer.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
             "reload is allowed from loopback addresses only\n",

@@ -57,8 +57,9 @@ pub enum StartError {
     Rules(#[from] RuleError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address} ({key}): {source}")]
     Bind {
+        key: &'static str,
         address: String,
         source: std::io::Error,
     },
@@ -157,8 +158,7 @@ pub async fn serve(
     let readiness = Arc::new(Readiness::new(config.admin.unready_after_backend_failures));
     let admin_stop = CancellationToken::new();
     let admin_addr = if config.admin.enabled {
-        let listener = bind(&config.admin.address).await?;
-        let addr = local(&listener, &config.admin.address)?;
+        let (listener, addr) = bind("admin.address", &config.admin.address).await?;
         let state = Arc::new(AdminState {
             registry: registry.clone(),
             readiness: readiness.clone(),
@@ -171,8 +171,7 @@ pub async fn serve(
     } else {
         None
     };
-    let listener = bind(&config.listen.address).await?;
-    let local_addr = local(&listener, &config.listen.address)?;
+    let (listener, local_addr) = bind("listen.address", &config.listen.address).await?;
     let limit = match config.limits.max_connections {
         0 => Semaphore::MAX_PERMITS,
         n => n,
@@ -212,20 +211,15 @@ pub async fn serve(
     })
 }
 
-async fn bind(address: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind {
-            address: address.to_string(),
-            source,
-        })
-}
-
-fn local(listener: &TcpListener, address: &str) -> Result<SocketAddr, StartError> {
-    listener.local_addr().map_err(|source| StartError::Bind {
+async fn bind(key: &'static str, address: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind {
+        key,
         address: address.to_string(),
         source,
-    })
+    };
+    let listener = TcpListener::bind(address).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 async fn accept_loop(

@@ -386,6 +386,18 @@ pub enum ConfigError {
     },
 }
 
+/// `host:port` or `[v6]:port`, with a numeric port.
+fn has_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && (!host.contains(':') || host.starts_with('['))
+        }
+        None => false,
+    }
+}
+
 fn is_loopback(address: &str) -> bool {
     match address.parse::<std::net::SocketAddr>() {
         Ok(a) => a.ip().is_loopback(),
@@ -433,8 +445,17 @@ impl Config {
             reason: reason.to_string(),
             origin: origin.map(Path::to_path_buf),
         };
-        if self.listen.address.trim().is_empty() {
-            return Err(invalid("listen.address", "must be host:port"));
+        for (key, address) in [
+            ("listen.address", &self.listen.address),
+            ("backend.address", &self.backend.address),
+            ("admin.address", &self.admin.address),
+        ] {
+            if !has_port(address) {
+                return Err(invalid(
+                    key,
+                    &format!("{address:?} must be host:port (e.g. 127.0.0.1:5432, [::1]:5432)"),
+                ));
+            }
         }
         match (&self.tls.cert, &self.tls.key) {
             (None, None) if !self.tls.allow_plaintext => {
@@ -600,6 +621,20 @@ mod tests {
         .expect_err("must fail")
         .to_string();
         assert!(err.contains("client_auth.mode"), "{err}");
+    }
+
+    #[test]
+    fn addresses_need_a_port() {
+        let base = "[tls]\ncert='a'\nkey='b'\n";
+        let err = Config::from_toml(&format!("{base}[backend]\naddress='127.0.0.1'\n"))
+            .expect_err("no port")
+            .to_string();
+        assert!(err.contains("backend.address"), "{err}");
+        assert!(Config::from_toml(&format!("{base}[backend]\naddress='[::1]:5432'\n")).is_ok());
+        assert!(
+            Config::from_toml(&format!("{base}[backend]\naddress='db.internal:5432'\n")).is_ok()
+        );
+        assert!(Config::from_toml(&format!("{base}[backend]\naddress='::1'\n")).is_err());
     }
 
     #[test]

@@ -45,10 +45,13 @@ pub fn write(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::new(Vec::<String>::new())?;
     let first = hosts.first().map(String::as_str).unwrap_or("localhost");
-    server.distinguished_name.push(DnType::CommonName, first);
+    // Most general first, so the RFC 4514 form reads CN=...,O=...
+    server.distinguished_name = rcgen::DistinguishedName::new();
     server
         .distinguished_name
         .push(DnType::OrganizationName, LABEL);
+    server.distinguished_name.push(DnType::CommonName, first);
+    server.use_authority_key_identifier_extension = true;
     server.subject_alt_names = hosts.iter().map(|h| san(h)).collect::<Result<_, _>>()?;
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.not_before = now - time::Duration::days(1);

@@ -134,24 +134,46 @@ pub fn explain(
     if trace.is_empty() {
         let _ = writeln!(w, "  (no rules: every certificate is denied)");
     }
-    let allowed = user.map(|u| match rules.decide(&identity, u, database.unwrap_or(u)) {
-        _ if !chain_ok => {
-            let _ = writeln!(w, "decision: DENY: the certificate does not verify (see chain above)");
-            false
-        }
-        Decision::Allow { rule, backend_auth, .. } => {
-            let _ = writeln!(w, "decision: ALLOW by rule {rule} (backend_auth = {backend_auth:?})");
-            true
-        }
-        Decision::Deny { reason, identity, .. } => {
-            let _ = writeln!(
-                w,
-                "decision: DENY ({}): certificate \"{identity}\" is not allowed to connect as role \"{u}\"",
-                reason.as_str()
-            );
-            false
-        }
-    });
+    let allowed = user.map(
+        |u| match rules.decide(&identity, u, database.unwrap_or(u)) {
+            _ if !chain_ok => {
+                let _ = writeln!(
+                    w,
+                    "decision: DENY: the certificate does not verify (see chain above)"
+                );
+                false
+            }
+            Decision::Allow {
+                rule, backend_auth, ..
+            } => {
+                let auth = match backend_auth {
+                    crate::config::BackendAuth::Passthrough => "passthrough",
+                    crate::config::BackendAuth::Proxy => "proxy",
+                };
+                let _ = writeln!(
+                    w,
+                    "decision: ALLOW by rule {rule} (backend_auth = \"{auth}\")"
+                );
+                true
+            }
+            Decision::Deny {
+                reason, identity, ..
+            } => {
+                // Exactly what the client would be told.
+                let told = crate::error::SessionError::RoleDenied {
+                    identity,
+                    user: u.to_string(),
+                    database: database.unwrap_or(u).to_string(),
+                    reason,
+                }
+                .client_error()
+                .map(|e| e.message)
+                .unwrap_or_default();
+                let _ = writeln!(w, "decision: DENY ({}): {told}", reason.as_str());
+                false
+            }
+        },
+    );
     if allowed.is_none() {
         let _ = writeln!(w, "decision: give --user (and --database) to decide");
     }

@@ -138,6 +138,26 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         println!("client_auth.crl     {} ({state})", crl.path.display());
     }
     println!("rules               {}", c.rules.len());
+    println!(
+        "admin.address       {}",
+        if c.admin.enabled {
+            c.admin.address.as_str()
+        } else {
+            "disabled"
+        }
+    );
+    println!(
+        "limits              handshake_timeout={:?} auth_timeout={:?} max_connections={} max_handshakes_in_flight={} idle_timeout={}",
+        c.limits.handshake_timeout,
+        c.limits.auth_timeout,
+        c.limits.max_connections,
+        c.limits.max_handshakes_in_flight,
+        c.limits.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}"))
+    );
+    println!(
+        "shutdown            grace_period={:?}",
+        c.shutdown.grace_period
+    );
     println!("backend.address     {}", c.backend.address);
     println!("backend.sslmode     {}", c.backend.sslmode.as_str());
     println!(

@@ -71,8 +71,14 @@ pub enum Negotiated {
         path: Path,
         tls: Option<TlsInfo>,
     },
-    /// A CancelRequest (plaintext or inside TLS), to forward.
-    Cancel { packet: Bytes, path: Path },
+    /// A CancelRequest (plaintext or inside TLS), to forward; the stream
+    /// only to close it properly.
+    Cancel {
+        packet: Bytes,
+        path: Path,
+        stream: ClientStream,
+        tls: Option<TlsInfo>,
+    },
 }
 
 /// What the TLS handshake settled, for logs and metrics.
@@ -121,6 +127,10 @@ pub async fn negotiate(mut tcp: TcpStream, ctx: &Ctx<'_>) -> Result<Negotiated, 
         return Err(Failed::closed(SessionError::ClientEof("negotiation")));
     }
     if first[0] == TLS_HANDSHAKE_RECORD {
+        ctx.metrics
+            .negotiations
+            .with_label_values(&["direct_tls"])
+            .inc();
         return match tls {
             Some(config) => {
                 let (stream, info) = handshake(tcp, config, Path::DirectTls, ctx).await?;
@@ -164,6 +174,10 @@ pub async fn negotiate(mut tcp: TcpStream, ctx: &Ctx<'_>) -> Result<Negotiated, 
                     write_plain(&mut tcp, b"N").await?;
                     continue;
                 };
+                ctx.metrics
+                    .negotiations
+                    .with_label_values(&["sslrequest"])
+                    .inc();
                 write_plain(&mut tcp, b"S").await?;
                 let (stream, info) = handshake(tcp, config, Path::SslRequest, ctx).await?;
                 return read_inside_tls(stream, Path::SslRequest, info, deadline).await;
@@ -178,6 +192,8 @@ pub async fn negotiate(mut tcp: TcpStream, ctx: &Ctx<'_>) -> Result<Negotiated, 
                 return Ok(Negotiated::Cancel {
                     packet,
                     path: Path::Plaintext,
+                    stream: MaybeTls::Plain(tcp),
+                    tls: None,
                 })
             }
             Packet::Startup(startup) => {
@@ -359,7 +375,12 @@ async fn read_inside_tls(
                 .into(),
             stream: Some(stream),
         }),
-        Packet::Cancel(packet) => Ok(Negotiated::Cancel { packet, path }),
+        Packet::Cancel(packet) => Ok(Negotiated::Cancel {
+            packet,
+            path,
+            stream,
+            tls: Some(info),
+        }),
         Packet::Startup(startup) => Ok(Negotiated::Startup {
             stream,
             startup,

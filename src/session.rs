@@ -105,7 +105,9 @@ pub async fn run(
 fn report(error: &SessionError) {
     match error {
         SessionError::ClientEof(_) => debug!(kind = error.kind(), "{error}"),
-        SessionError::Tls(_) | SessionError::DirectTlsWithoutAlpn | SessionError::Timeout(_) => {
+        SessionError::Tls(_)
+        | SessionError::DirectTlsWithoutAlpn
+        | SessionError::Timeout(crate::error::Phase::TlsHandshake) => {
             warn!(
                 kind = error.kind(),
                 reason = crate::negotiate::failure_reason(error),
@@ -148,7 +150,13 @@ async fn drive(
         }
     })?;
     match negotiated {
-        Negotiated::Cancel { packet, path } => {
+        Negotiated::Cancel {
+            packet,
+            path,
+            stream,
+            tls,
+        } => {
+            record.tls = tls;
             shared
                 .metrics
                 .negotiations
@@ -156,6 +164,10 @@ async fn drive(
                 .inc();
             record.path = "cancel";
             forward_cancel(conn, &packet, path).await;
+            // Never a reply; but close as PostgreSQL does, with a TLS
+            // close_notify, so libpq 17's encrypted cancel sees a clean end.
+            let mut stream = stream;
+            let _ = stream.shutdown().await;
             Ok("client_eof")
         }
         Negotiated::Startup {
@@ -164,15 +176,14 @@ async fn drive(
             path,
             tls,
         } => {
-            let label = match path {
-                Path::Plaintext => "plaintext_allowed",
-                p => p.as_str(),
-            };
-            shared
-                .metrics
-                .negotiations
-                .with_label_values(&[label])
-                .inc();
+            // TLS paths were counted when the client chose them.
+            if path == Path::Plaintext {
+                shared
+                    .metrics
+                    .negotiations
+                    .with_label_values(&["plaintext_allowed"])
+                    .inc();
+            }
             record.path = path.as_str();
             let span = tracing::Span::current();
             span.record("path", path.as_str());
@@ -432,7 +443,12 @@ async fn negotiate_version(
     if startup.minor == 0 && options.is_empty() {
         return Ok(());
     }
-    let msg = NegotiateProtocolVersion::new(0, options);
+    // The full version number, as PostgreSQL sends it (libpq 18 reads a
+    // bare minor number as a downgrade below 3.0).
+    let msg = NegotiateProtocolVersion::new(
+        pgwire::messages::startup::Startup::PROTOCOL_VERSION_3_0,
+        options,
+    );
     let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
     msg.encode(&mut buf)
         .map_err(|_| crate::protocol::ProtocolError::Malformed("startup options"))?;

@@ -102,7 +102,8 @@ async fn metrics_after_real_sessions() {
         .expect_err("denied");
 
     // Backend down, on a second proxy.
-    let mut c = config(&pki, &format!("127.0.0.1:{}", free_port()));
+    let dead_port = free_port();
+    let mut c = config(&pki, &format!("127.0.0.1:{dead_port}"));
     c.admin.unready_after_backend_failures = 1;
     let down = TestProxy::start(c).await;
     assert_eq!(
@@ -133,7 +134,8 @@ async fn metrics_after_real_sessions() {
     };
     has("pgtls_connections_accepted_total 6");
     has("pgtls_connections_active 0");
-    has(r#"pgtls_negotiations_total{path="sslrequest"} 2"#);
+    has(r#"pgtls_negotiations_total{path="sslrequest"} 4"#);
+    has(r#"pgtls_negotiations_total{path="direct_tls"} 1"#);
     has(r#"pgtls_negotiations_total{path="plaintext_rejected"} 1"#);
     has(r#"pgtls_tls_handshake_failures_total{reason="unknown_ca"} 1"#);
     has(r#"pgtls_tls_handshake_failures_total{reason="expired"} 1"#);

@@ -88,6 +88,8 @@ pub fn build(
     // TLS 1.2 without extended master secret is open to triple-handshake
     // attacks; every client rustls, OpenSSL and NSS ship supports EMS.
     config.require_ems = true;
+    // Our suite order (AES-GCM, then ChaCha20), not the client's.
+    config.ignore_client_order = true;
     Ok(Some(ServerTls {
         config: Arc::new(config),
         leaf,
