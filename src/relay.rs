@@ -1,6 +1,12 @@
-//! The byte relay after authentication: copies both ways with one fixed
-//! buffer per direction (allocated once per session, never per message),
-//! propagates half-close, counts bytes, and says which side failed.
+//! The byte relay after authentication: copies both ways through a 16 KiB
+//! buffer per direction, propagates half-close, counts bytes, and says
+//! which side failed.
+//!
+//! A direction holds its buffer only while bytes are in flight: when a read
+//! would block with nothing left to write, the buffer goes back to a
+//! per-thread pool. Idle sessions (most of them, in a fleet) then cost no
+//! relay memory, and busy ones take pooled buffers instead of allocating:
+//! nothing is allocated per message once the pool is warm.
 //!
 //! It looks inside the stream only to follow the backend's message headers
 //! (type + length; no allocation, a few instructions per message). That
@@ -19,6 +25,30 @@ use tokio_util::sync::CancellationToken;
 
 /// Per-direction buffer: one TLS record's worth of plaintext.
 pub const RELAY_BUFFER: usize = 16 * 1024;
+
+/// Buffers kept per worker thread for reuse (1 MiB at most).
+const POOLED_PER_THREAD: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0; RELAY_BUFFER].into_boxed_slice())
+}
+
+fn give_buffer(buf: Box<[u8]>) {
+    if buf.len() != RELAY_BUFFER {
+        return;
+    }
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < POOLED_PER_THREAD {
+            pool.push(buf);
+        }
+    });
+}
 
 /// Which peer an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +158,8 @@ impl Framer {
 }
 
 struct Direction {
-    buf: Box<[u8]>,
+    /// Present only while bytes are in flight (see the module comment).
+    buf: Option<Box<[u8]>>,
     pos: usize,
     cap: usize,
     total: u64,
@@ -149,8 +180,11 @@ impl Direction {
     /// it goes out first. The backend→client side starts right after the
     /// backend's ReadyForQuery.
     fn new(framed: bool, pending: &[u8]) -> Self {
-        let mut buf = vec![0; RELAY_BUFFER.max(pending.len())].into_boxed_slice();
-        buf[..pending.len()].copy_from_slice(pending);
+        let buf = (!pending.is_empty()).then(|| {
+            let mut buf = vec![0; RELAY_BUFFER.max(pending.len())].into_boxed_slice();
+            buf[..pending.len()].copy_from_slice(pending);
+            buf
+        });
         Direction {
             buf,
             pos: 0,
@@ -171,9 +205,20 @@ impl Direction {
         cx: &mut Context<'_>,
         reader: Pin<&mut R>,
     ) -> Poll<io::Result<()>> {
-        let mut rb = ReadBuf::new(&mut self.buf);
-        ready!(reader.poll_read(cx, &mut rb))?;
+        let buf = self.buf.get_or_insert_with(take_buffer);
+        let mut rb = ReadBuf::new(buf);
+        let polled = reader.poll_read(cx, &mut rb);
         let n = rb.filled().len();
+        if polled.is_pending() {
+            // Nothing in flight: the buffer goes back to the pool.
+            if let Some(buf) = self.buf.take() {
+                give_buffer(buf);
+            }
+            return Poll::Pending;
+        }
+        if let Poll::Ready(Err(e)) = polled {
+            return Poll::Ready(Err(e));
+        }
         if n == 0 {
             self.read_done = true;
         } else {
@@ -189,12 +234,15 @@ impl Direction {
         writer: Pin<&mut W>,
         end: usize,
     ) -> Poll<Result<(), Failure>> {
-        let n = ready!(writer.poll_write(cx, &self.buf[self.pos..end])).map_err(Failure::Write)?;
+        let Some(buf) = &self.buf else {
+            return Poll::Ready(Ok(()));
+        };
+        let n = ready!(writer.poll_write(cx, &buf[self.pos..end])).map_err(Failure::Write)?;
         if n == 0 {
             return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
         }
         if let Some(f) = &mut self.framer {
-            f.step(&self.buf[self.pos..self.pos + n], false);
+            f.step(&buf[self.pos..self.pos + n], false);
         }
         self.pos += n;
         self.total += n as u64;
@@ -267,7 +315,11 @@ impl Direction {
                 continue;
             }
             let k = framer
-                .bytes_to_boundary(&self.buf[self.pos..self.cap])
+                .bytes_to_boundary(
+                    self.buf
+                        .as_deref()
+                        .map_or(&[][..], |b| &b[self.pos..self.cap]),
+                )
                 .unwrap_or(self.cap - self.pos);
             let end = self.pos + k;
             ready!(self.poll_write_some(cx, writer.as_mut(), end))?;
