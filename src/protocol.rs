@@ -270,7 +270,9 @@ pub struct MessageReader {
 impl MessageReader {
     pub fn new(max_len: usize) -> Self {
         MessageReader {
-            buf: BytesMut::with_capacity(8 * 1024),
+            // Login messages are small; a long session should not keep a
+            // big login buffer alive.
+            buf: BytesMut::with_capacity(512),
             max_len,
         }
     }

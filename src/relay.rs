@@ -341,9 +341,11 @@ pub struct Options<'a> {
     pub terminate: Option<&'a CancellationToken>,
     pub idle_timeout: Option<Duration>,
     /// Read from the backend past ReadyForQuery, not yet sent to the client.
-    pub to_client: &'a [u8],
+    /// Owned, so the authentication phase's buffers are freed as soon as
+    /// these bytes are copied.
+    pub to_client: bytes::BytesMut,
     /// Read from the client during authentication, not yet sent on.
-    pub to_backend: &'a [u8],
+    pub to_backend: bytes::BytesMut,
 }
 
 /// Copies until both directions have ended, either fails, or `limits`
@@ -357,13 +359,20 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Direction::new(false, limits.to_backend);
-    let mut down = Direction::new(true, limits.to_client);
+    let mut up = Direction::new(false, &limits.to_backend);
+    let mut down = Direction::new(true, &limits.to_client);
+    let Options {
+        terminate,
+        idle_timeout,
+        to_client,
+        to_backend,
+    } = limits;
+    drop((to_client, to_backend));
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
     let mut stopping: Option<Ending> = None;
     let never = CancellationToken::new();
-    let terminate = limits.terminate.unwrap_or(&never).cancelled();
+    let terminate = terminate.unwrap_or(&never).cancelled();
     tokio::pin!(terminate);
     let idle = limits
         .idle_timeout
@@ -390,7 +399,7 @@ where
         if stopping.is_none() {
             if terminate.as_mut().poll(cx).is_ready() {
                 stopping = Some(Ending::Terminated);
-            } else if limits.idle_timeout.is_some() && sleep.as_mut().poll(cx).is_ready() {
+            } else if idle_timeout.is_some() && sleep.as_mut().poll(cx).is_ready() {
                 let moved = up.total + down.total;
                 if moved == seen && down.after_ready_for_query() && up.total == up_at_ready {
                     stopping = Some(Ending::Idle);

@@ -467,8 +467,8 @@ async fn relay_session(
     let options = Options {
         terminate: Some(&conn.shared.terminate),
         idle_timeout: conn.rt.idle_timeout,
-        to_client: &backend_surplus,
-        to_backend: &client_surplus,
+        to_client: backend_surplus,
+        to_backend: client_surplus,
     };
     let result = relay(&mut client, &mut backend, options).await;
     let stats = match &result {
