@@ -56,6 +56,15 @@ enum Command {
 
 const EX_USAGE: u8 = 64;
 
+/// `println!` that does not panic when stdout is closed (`check | head`,
+/// a full disk): reports are best effort, exit codes carry the verdict.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -92,38 +101,38 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     };
     let c = &prepared.config;
     let rt = prepared.runtime();
-    println!("configuration OK");
-    println!("listen.address      {}", c.listen.address);
+    out!("configuration OK");
+    out!("listen.address      {}", c.listen.address);
     match rt.server_chain.first() {
         Some(leaf) => {
-            println!("tls.cert subject    {}", leaf.subject);
-            println!("tls.cert issuer     {}", leaf.issuer);
-            println!("tls.cert SANs       {}", leaf.sans.join(", "));
-            println!(
+            out!("tls.cert subject    {}", leaf.subject);
+            out!("tls.cert issuer     {}", leaf.issuer);
+            out!("tls.cert SANs       {}", leaf.sans.join(", "));
+            out!(
                 "tls.cert chain      {} certificate(s)",
                 rt.server_chain.len()
             );
-            println!("tls.cert expires in {} days", leaf.days_left(unix_now()));
+            out!("tls.cert expires in {} days", leaf.days_left(unix_now()));
         }
-        None => println!("tls                 not configured (plaintext only)"),
+        None => out!("tls                 not configured (plaintext only)"),
     }
-    println!(
+    out!(
         "tls.min_version     {}",
         match c.tls.min_version {
             pg_tls_proxy::config::TlsVersion::V1_2 => "1.2",
             pg_tls_proxy::config::TlsVersion::V1_3 => "1.3",
         }
     );
-    println!("tls.allow_plaintext {}", c.tls.allow_plaintext);
+    out!("tls.allow_plaintext {}", c.tls.allow_plaintext);
     let mode = match c.client_auth.effective_mode() {
         pg_tls_proxy::config::ClientAuthMode::None => "none",
         pg_tls_proxy::config::ClientAuthMode::Optional => "optional",
         pg_tls_proxy::config::ClientAuthMode::Required => "required",
     };
-    println!("client_auth.mode    {mode}");
+    out!("client_auth.mode    {mode}");
     let now = unix_now();
     for ca in &rt.client_cas {
-        println!(
+        out!(
             "client_auth.ca      {} (expires in {} days)",
             ca.subject,
             ca.days_left(now)
@@ -135,10 +144,10 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         } else {
             "current"
         };
-        println!("client_auth.crl     {} ({state})", crl.path.display());
+        out!("client_auth.crl     {} ({state})", crl.path.display());
     }
-    println!("rules               {}", c.rules.len());
-    println!(
+    out!("rules               {}", c.rules.len());
+    out!(
         "admin.address       {}",
         if c.admin.enabled {
             c.admin.address.as_str()
@@ -146,7 +155,7 @@ fn check(config: Option<PathBuf>) -> ExitCode {
             "disabled"
         }
     );
-    println!(
+    out!(
         "limits              handshake_timeout={:?} auth_timeout={:?} max_connections={} max_handshakes_in_flight={} idle_timeout={}",
         c.limits.handshake_timeout,
         c.limits.auth_timeout,
@@ -154,13 +163,13 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         c.limits.max_handshakes_in_flight,
         c.limits.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}"))
     );
-    println!(
+    out!(
         "shutdown            grace_period={:?}",
         c.shutdown.grace_period
     );
-    println!("backend.address     {}", c.backend.address);
-    println!("backend.sslmode     {}", c.backend.sslmode.as_str());
-    println!(
+    out!("backend.address     {}", c.backend.address);
+    out!("backend.sslmode     {}", c.backend.sslmode.as_str());
+    out!(
         "backend client cert {}",
         if c.backend.sslcert.is_some() {
             "yes (mTLS)"
@@ -186,7 +195,10 @@ fn explain(
     };
     match pg_tls_proxy::explain::explain(&config, &cert, user.as_deref(), database.as_deref()) {
         Ok(report) => {
-            print!("{}", report.text);
+            {
+                use std::io::Write;
+                let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
+            }
             match report.allowed {
                 Some(false) => ExitCode::from(1),
                 _ => ExitCode::SUCCESS,
@@ -205,11 +217,11 @@ fn dev_certs(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> Exit
     }
     match pg_tls_proxy::devcerts::write(&out, &hosts, &clients) {
         Ok(written) => {
-            println!("DEVELOPMENT ONLY: throwaway certificates, never use them in production.");
+            out!("DEVELOPMENT ONLY: throwaway certificates, never use them in production.");
             for f in written.files {
-                println!("  wrote {}", f.display());
+                out!("  wrote {}", f.display());
             }
-            println!("server names: {}", hosts.join(", "));
+            out!("server names: {}", hosts.join(", "));
             ExitCode::SUCCESS
         }
         Err(e) => {
