@@ -5,9 +5,10 @@ mod common;
 
 use bytes::Bytes;
 use common::client::tokio_pg;
-use common::pg::{PgCluster, PgOptions, PgRole, PgSsl};
+use common::pg::PgRole;
 use common::pki::Pki;
 use common::proxy::{backend_tls, config, TestProxy};
+use common::tls_cluster;
 use futures_util::{SinkExt, StreamExt};
 use pg_tls_proxy::config::SslMode;
 
@@ -67,21 +68,16 @@ impl Sha {
 async fn copy_100mb_byte_identical() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let backend_cert = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
-    let pg = PgCluster::start(PgOptions {
-        ssl: Some(PgSsl {
-            cert: backend_cert.chain.clone(),
-            key: backend_cert.key.clone(),
-            ca: None,
-        }),
-        hba: vec!["host all all 127.0.0.1/32 scram-sha-256".into()],
-        roles: vec![PgRole {
+    let pg = tls_cluster(
+        &pki,
+        &["host all all 127.0.0.1/32 scram-sha-256"],
+        vec![PgRole {
             name: "bulk".into(),
             password: Some("pw".into()),
             superuser: true,
         }],
-        ..Default::default()
-    });
+        false,
+    );
     let mut c = config(&pki, &pg.address());
     backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
     let proxy = TestProxy::start(c).await;

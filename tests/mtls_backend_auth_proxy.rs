@@ -8,9 +8,10 @@
 mod common;
 
 use common::client::{psql, verify_full, with_cert};
-use common::pg::{PgCluster, PgOptions, PgRole, PgSsl};
+use common::pg::PgRole;
 use common::pki::Pki;
 use common::proxy::{backend_tls, config, mtls, TestProxy};
+use common::tls_cluster;
 use common::write_file;
 use pg_tls_proxy::config::{ClientAuthMode, Credential, SslMode};
 
@@ -26,17 +27,12 @@ backend_auth = "proxy"
 async fn proxy_login_with_backend_mtls_and_pg_ident() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let backend_cert = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
-    let pg = PgCluster::start(PgOptions {
-        ssl: Some(PgSsl {
-            cert: backend_cert.chain.clone(),
-            key: backend_cert.key.clone(),
-            ca: Some(pki.root_cert.clone()),
-        }),
-        hba: vec!["hostssl all all 127.0.0.1/32 cert map=proxymap".into()],
-        roles: vec![PgRole::new("alice", "never-used")],
-        ..Default::default()
-    });
+    let pg = tls_cluster(
+        &pki,
+        &["hostssl all all 127.0.0.1/32 cert map=proxymap"],
+        vec![PgRole::new("alice", "never-used")],
+        true,
+    );
     write_file(
         &pg.data_dir().join("pg_ident.conf"),
         "proxymap pg-tls-proxy alice\n",
@@ -79,27 +75,28 @@ async fn proxy_login_with_backend_mtls_and_pg_ident() {
 async fn proxy_login_with_scram_credentials() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let backend_cert = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
-    let pg = PgCluster::start(PgOptions {
-        ssl: Some(PgSsl {
-            cert: backend_cert.chain.clone(),
-            key: backend_cert.key.clone(),
-            ca: None,
-        }),
-        hba: vec!["host all all 127.0.0.1/32 scram-sha-256".into()],
-        roles: vec![
+    let pg = tls_cluster(
+        &pki,
+        &["host all all 127.0.0.1/32 scram-sha-256"],
+        vec![
             PgRole::new("svc", "svc-secret"),
             PgRole::new("alice", "alice-secret"),
         ],
-        ..Default::default()
-    });
+        false,
+    );
     let secret_file = write_file(
         &dir.path().join("svc.password"),
         "svc-secret\n",
         0o600,
         false,
     );
-    let with_credentials = |c: &mut pg_tls_proxy::config::Config| {
+    // A proxy with a credential for svc only, over a TLS or plaintext link.
+    let start = |tls: bool| {
+        let mut c = config(&pki, &pg.address());
+        if tls {
+            backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
+        }
+        mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
         c.backend.credentials.insert(
             "svc".into(),
             Credential {
@@ -107,40 +104,31 @@ async fn proxy_login_with_scram_credentials() {
                 password_env: None,
             },
         );
-        c.backend.credentials.insert(
-            "alice".into(),
-            Credential {
-                password_file: None,
-                password_env: Some("PGTLS_TEST_NO_SUCH_VAR_IS_SET_HERE".into()),
-            },
-        );
+        TestProxy::start(c)
     };
-
-    // TLS backend link: SCRAM-SHA-256-PLUS bound to the backend certificate.
-    let mut c = config(&pki, &pg.address());
-    backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
-    mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
-    with_credentials(&mut c);
-    c.backend.credentials.remove("alice");
-    let proxy = TestProxy::start(c).await;
-    let svc = with_cert(
-        &verify_full(proxy.port(), "svc", &pki.root_cert),
-        &pki.issue_client("svc"),
-    );
+    let as_role = |proxy: &TestProxy, role: &str| {
+        with_cert(
+            &verify_full(proxy.port(), role, &pki.root_cert),
+            &pki.issue_client(role),
+        )
+    };
     let q =
         "SELECT current_user || ' ' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())";
-    assert_eq!(psql(&svc, None, q).await.expect("scram plus"), "svc true");
+
+    // TLS backend link: SCRAM-SHA-256-PLUS bound to the backend certificate.
+    let proxy = start(true).await;
+    assert_eq!(
+        psql(&as_role(&proxy, "svc"), None, q)
+            .await
+            .expect("scram plus"),
+        "svc true"
+    );
     assert_eq!(
         proxy.metric(r#"pgtls_backend_logins_total{method="scram-sha-256-plus",result="ok"}"#),
         1.0
     );
-
     // No credential for alice: a clear refusal, the client is not prompted.
-    let alice = with_cert(
-        &verify_full(proxy.port(), "alice", &pki.root_cert),
-        &pki.issue_client("alice"),
-    );
-    let err = psql(&alice, None, "SELECT 1")
+    let err = psql(&as_role(&proxy, "alice"), None, "SELECT 1")
         .await
         .expect_err("no credential");
     assert!(
@@ -148,33 +136,20 @@ async fn proxy_login_with_scram_credentials() {
         "{err}"
     );
 
-    // Plaintext backend link: SCRAM without binding; a wrong secret gets the
-    // backend's own error.
-    let mut c = config(&pki, &pg.address());
-    mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
-    with_credentials(&mut c);
-    c.backend.credentials.remove("alice");
-    let proxy = TestProxy::start(c).await;
-    let svc = with_cert(
-        &verify_full(proxy.port(), "svc", &pki.root_cert),
-        &pki.issue_client("svc"),
+    // Plaintext backend link: SCRAM without binding.
+    let proxy = start(false).await;
+    assert_eq!(
+        psql(&as_role(&proxy, "svc"), None, q).await.expect("scram"),
+        "svc false"
     );
-    assert_eq!(psql(&svc, None, q).await.expect("scram"), "svc false");
     assert_eq!(
         proxy.metric(r#"pgtls_backend_logins_total{method="scram-sha-256",result="ok"}"#),
         1.0
     );
+    // A wrong secret gets the backend's own error.
     write_file(&secret_file, "wrong\n", 0o600, false);
-    let mut c = config(&pki, &pg.address());
-    mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
-    with_credentials(&mut c);
-    c.backend.credentials.remove("alice");
-    let proxy = TestProxy::start(c).await;
-    let svc = with_cert(
-        &verify_full(proxy.port(), "svc", &pki.root_cert),
-        &pki.issue_client("svc"),
-    );
-    let err = psql(&svc, None, "SELECT 1")
+    let proxy = start(false).await;
+    let err = psql(&as_role(&proxy, "svc"), None, "SELECT 1")
         .await
         .expect_err("wrong secret");
     assert!(

@@ -6,26 +6,22 @@
 mod common;
 
 use common::client::{psql, verify_full};
-use common::pg::{PgCluster, PgOptions, PgRole, PgSsl};
+use common::pg::PgRole;
 use common::pki::Pki;
 use common::proxy::{backend_tls, config, TestProxy};
+use common::tls_cluster;
 use pg_tls_proxy::config::SslMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_channel_binding_table() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let backend_cert = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
-    let pg = PgCluster::start(PgOptions {
-        ssl: Some(PgSsl {
-            cert: backend_cert.chain.clone(),
-            key: backend_cert.key.clone(),
-            ca: None,
-        }),
-        hba: vec!["host all all 127.0.0.1/32 scram-sha-256".into()],
-        roles: vec![PgRole::new("alice", "secret")],
-        ..Default::default()
-    });
+    let pg = tls_cluster(
+        &pki,
+        &["host all all 127.0.0.1/32 scram-sha-256"],
+        vec![PgRole::new("alice", "secret")],
+        false,
+    );
     let plain = TestProxy::start(config(&pki, &pg.address())).await;
     let mut c = config(&pki, &pg.address());
     backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));

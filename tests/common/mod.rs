@@ -145,3 +145,25 @@ pub fn scratch_base() -> &'static Path {
         }
     })
 }
+
+/// A cluster with `ssl = on`, serving a certificate from `pki` for
+/// localhost and 127.0.0.1; with `client_ca`, it also trusts client
+/// certificates from `pki` (for pg_hba `cert` and `clientcert=`).
+pub fn tls_cluster(
+    pki: &pki::Pki,
+    hba: &[&str],
+    roles: Vec<pg::PgRole>,
+    client_ca: bool,
+) -> pg::PgCluster {
+    let cert = pki.issue_server("localhost", &["localhost", "127.0.0.1"]);
+    pg::PgCluster::start(pg::PgOptions {
+        ssl: Some(pg::PgSsl {
+            cert: cert.chain,
+            key: cert.key,
+            ca: client_ca.then(|| pki.root_cert.clone()),
+        }),
+        hba: hba.iter().map(|l| l.to_string()).collect(),
+        roles,
+        ..Default::default()
+    })
+}
