@@ -30,14 +30,7 @@ async fn backend_mtls_with_proxy_certificate() {
             // ...and password logins that also require a client certificate.
             "hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca".into(),
         ],
-        roles: vec![
-            PgRole {
-                name: "svc".into(),
-                password: None,
-                superuser: false,
-            },
-            PgRole::new("alice", "secret"),
-        ],
+        roles: vec![PgRole::trust("svc"), PgRole::new("alice", "secret")],
         ..Default::default()
     });
     let proxy_cert = pki.issue_client("svc");

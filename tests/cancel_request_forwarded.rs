@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::client::{tls_client, tokio_pg};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 
@@ -15,14 +15,7 @@ use common::proxy::{config, TestProxy};
 async fn cancel_request_forwarded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     // Inside TLS.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::client::{error_fields, logged_in, query_message, read_until_ready};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use common::{clear_pg_env, pg_bin};
@@ -51,14 +51,7 @@ sys.stdout.write(out.decode(errors="replace"))
 async fn psql_ctrl_c_and_wrong_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     // psql's own Ctrl-C.

@@ -18,11 +18,7 @@ async fn concurrent_200_sessions() {
     let pki = Pki::generate(dir.path());
     let pg = PgCluster::start(PgOptions {
         max_connections: 230,
-        roles: vec![PgRole {
-            name: "many".into(),
-            password: None,
-            superuser: false,
-        }],
+        roles: vec![PgRole::trust("many")],
         ..Default::default()
     });
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;

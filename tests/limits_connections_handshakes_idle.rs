@@ -12,7 +12,7 @@ use common::client::{
     error_fields, psql, read_message, read_until_ready, startup_message, tls_client, tls_session,
     verify_full, SSL_REQUEST,
 };
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,14 +33,7 @@ async fn session(proxy: &TestProxy, pki: &Pki) -> tokio_rustls::client::TlsStrea
 async fn limits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
 
     // max_connections = 1.
     let mut c = config(&pki, &pg.address());

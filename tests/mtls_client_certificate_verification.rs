@@ -24,14 +24,7 @@ roles = ['\1']
 async fn required_mode() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "alice".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["alice"]);
     let mut c = config(&pki, &pg.address());
     mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
     let crl_path = dir.path().join("crls.pem");
@@ -102,14 +95,7 @@ async fn required_mode() {
 async fn intermediate_in_the_ca_bundle_verifies_a_bare_leaf() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "alice".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["alice"]);
     let mut c = config(&pki, &pg.address());
     mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
     c.client_auth.ca = vec![pki.root_cert.clone(), pki.intermediate_cert.clone()];

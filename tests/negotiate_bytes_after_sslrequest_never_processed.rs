@@ -6,7 +6,7 @@
 mod common;
 
 use common::client::{error_fields, read_message, startup_message, SSL_REQUEST};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,14 +16,7 @@ use tokio::net::TcpStream;
 async fn bytes_after_sslrequest_never_processed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "victim".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["victim"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
     let injected = startup_message(&[("user", "victim"), ("database", "postgres")]);
 

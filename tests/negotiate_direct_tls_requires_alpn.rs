@@ -4,7 +4,7 @@
 mod common;
 
 use common::client::{startup_and_query, tls_client, tls_upgrade};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::net::TcpStream;
@@ -13,14 +13,7 @@ use tokio::net::TcpStream;
 async fn direct_tls_requires_alpn() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     // With ALPN postgresql: works, and the protocol is selected.

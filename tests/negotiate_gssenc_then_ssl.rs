@@ -7,7 +7,7 @@ use common::client::{
     error_fields, read_message, startup_and_query, tls_client, tls_upgrade, GSSENC_REQUEST,
     SSL_REQUEST,
 };
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,14 +17,7 @@ use tokio::net::TcpStream;
 async fn gssenc_then_ssl() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::client::{error_fields, read_message, read_until_ready, startup_message_version};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::AsyncWriteExt;
@@ -19,14 +19,7 @@ async fn tls_session(proxy: &TestProxy, pki: &Pki) -> tokio_rustls::client::TlsS
 async fn oversized_startup_and_versions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     // 10001-byte body claimed in plaintext and inside TLS.

@@ -4,7 +4,7 @@
 mod common;
 
 use common::client::{error_fields, psql, read_message, startup_message};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::AsyncWriteExt;
@@ -14,14 +14,7 @@ use tokio::net::TcpStream;
 async fn plaintext_refused_with_28000() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let proxy = TestProxy::start(config(&pki, &pg.address())).await;
 
     let conn = format!(

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use common::client::{http, psql, tls_client, tls_upgrade, verify_full, with_cert};
 use common::free_port;
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::{ClientCertOpts, Pki};
 use common::proxy::{config, mtls, TestProxy};
 use pg_tls_proxy::config::ClientAuthMode;
@@ -43,14 +43,7 @@ fn not_after(cert: &std::path::Path) -> i64 {
 async fn metrics_after_real_sessions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "alice".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["alice"]);
     let mut c = config(&pki, &pg.address());
     mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
     let proxy = TestProxy::start(c).await;

@@ -7,7 +7,7 @@
 mod common;
 
 use common::client::{http, pem_der, served_leaf, tokio_pg};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::{PgCluster, PgOptions};
 use common::pki::Pki;
 use common::proxy::{config_file, TestProxy};
 use common::write_file;
@@ -24,14 +24,7 @@ fn replace(dir: &std::path::Path, name: &str, from: &std::path::Path) {
 async fn rotate_certificate_and_survive_bad_reloads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(&dir.path().join("pki"));
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let live = dir.path().join("live");
     std::fs::create_dir(&live).expect("live dir");
     replace(&live, "server.crt", &pki.server_chain);

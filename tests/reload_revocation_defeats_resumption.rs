@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::client::{read_until_ready, roots, startup_message, tls_upgrade, SSL_REQUEST};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config_file, TestProxy};
 use rustls::HandshakeKind;
@@ -49,14 +49,7 @@ async fn connect(
 async fn revocation_after_reload_defeats_resumption() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(&dir.path().join("pki"));
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "alice".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["alice"]);
     let alice = pki.issue_client("alice");
     let crl_file = dir.path().join("crls.pem");
     let write_crls = |revoked: &[u64]| {

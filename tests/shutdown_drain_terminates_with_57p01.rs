@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::client::{error_fields, logged_in, query_message, read_message};
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config, TestProxy};
 use tokio::io::AsyncWriteExt;
@@ -17,14 +17,7 @@ use tokio::net::TcpStream;
 async fn drain_then_terminate_with_57p01() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let mut c = config(&pki, &pg.address());
     c.shutdown.grace_period = Duration::from_millis(800);
     let proxy = TestProxy::start(c).await;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::client::tokio_pg;
-use common::pg::{PgCluster, PgOptions, PgRole};
+use common::pg::PgCluster;
 use common::pki::Pki;
 use common::{free_port, write_file};
 
@@ -16,14 +16,7 @@ use common::{free_port, write_file};
 async fn sigterm_lets_running_query_finish() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let pg = PgCluster::start(PgOptions {
-        roles: vec![PgRole {
-            name: "bob".into(),
-            password: None,
-            superuser: false,
-        }],
-        ..Default::default()
-    });
+    let pg = PgCluster::with_trust_roles(&["bob"]);
     let port = free_port();
     let toml = format!(
         "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",

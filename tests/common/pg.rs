@@ -43,6 +43,15 @@ pub struct PgRole {
 }
 
 impl PgRole {
+    /// A non-superuser login role without a password (trust auth).
+    pub fn trust(name: &str) -> PgRole {
+        PgRole {
+            name: name.to_string(),
+            password: None,
+            superuser: false,
+        }
+    }
+
     /// A non-superuser login role with a password.
     pub fn new(name: &str, password: &str) -> PgRole {
         PgRole {
@@ -96,6 +105,14 @@ impl PgCluster {
     /// initdb, configure, `pg_ctl start`, create roles; panics with the
     /// server log on failure. If the probed port gets taken before the
     /// server binds it, retries with another one (3 attempts in all).
+    /// A plaintext cluster, trust auth on 127.0.0.1, with these login roles.
+    pub fn with_trust_roles(names: &[&str]) -> PgCluster {
+        PgCluster::start(PgOptions {
+            roles: names.iter().map(|n| PgRole::trust(n)).collect(),
+            ..Default::default()
+        })
+    }
+
     pub fn start(opts: PgOptions) -> PgCluster {
         let started = Instant::now();
         let dir = tempfile::Builder::new()
