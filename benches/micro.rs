@@ -73,6 +73,7 @@ fn rules(n: usize) -> Vec<RuleConfig> {
                 roles,
                 databases: None,
                 backend_auth: BackendAuth::Passthrough,
+                replication: Default::default(),
             }
         })
         .collect()
@@ -114,10 +115,17 @@ fn bench_rules(c: &mut Criterion) {
     for n in [10, 1000] {
         let map = RoleMap::compile(&rules(n)).expect("rules");
         g.bench_function(format!("{n}_rules_allow"), |b| {
-            b.iter(|| map.decide(&id, "web", "app"))
+            b.iter(|| map.decide(&id, "web", "app", pg_tls_proxy::protocol::Replication::None))
         });
         g.bench_function(format!("{n}_rules_deny"), |b| {
-            b.iter(|| map.decide(&id, "admin", "app"))
+            b.iter(|| {
+                map.decide(
+                    &id,
+                    "admin",
+                    "app",
+                    pg_tls_proxy::protocol::Replication::None,
+                )
+            })
         });
     }
     g.bench_function("compile_1000_rules", |b| {
@@ -169,7 +177,7 @@ fn bench_tls(c: &mut Criterion) {
         cert: Some(dir.path().join("server.crt")),
         key: Some(dir.path().join("server.key")),
         min_version: TlsVersion::V1_2,
-        allow_plaintext: false,
+        ..Tls::default()
     };
     let server = pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
         .expect("server config")

@@ -19,11 +19,24 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+/// listen(2) backlog of the admin listener.
+pub const BACKLOG: u32 = 128;
+
+/// Admin connections served at once; more are closed on accept (and
+/// counted). Covered by the descriptor reserve (`fdlimit::RESERVED`), so the
+/// admin listener answers even when client traffic has used its budget.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send a request's headers (and, between
+/// keep-alive requests, the next request's), so that unfinished requests
+/// cannot hold admin connections.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Consecutive backend connect failures, for readiness.
 #[derive(Default)]
@@ -96,6 +109,7 @@ pub struct AdminState {
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -108,15 +122,24 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.shared.metrics.admin_connections_refused.inc();
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, state.clone(), peer));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
                 r = conn => if let Err(e) = r { debug!("admin connection: {e}") },
                 _ = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }
@@ -176,10 +199,7 @@ async fn handle(
             // recovery.
             if state.readiness.backend_down(&shared.backend_health) {
                 let connector = shared.runtime.load().connector.clone();
-                let ok = connector
-                    .connect(crate::backend::Purpose::Passthrough)
-                    .await
-                    .is_ok();
+                let ok = connector.probe().await.is_ok();
                 shared.backend_health.record(ok);
             }
             ready_response(&state, shared)

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::admin::{AdminState, BackendHealth, Readiness};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
+use crate::fdlimit::{self, FdBudget, FdLimit};
 use crate::metrics::Metrics;
 use crate::rolemap::RuleError;
 use crate::runtime::Runtime;
@@ -45,6 +46,10 @@ pub struct Shared {
     /// Fires when the grace period is over: sessions stop at a message
     /// boundary and tell their client FATAL 57P01.
     pub terminate: CancellationToken,
+    /// File descriptors client traffic may use (see [`crate::fdlimit`]).
+    pub fds: FdBudget,
+    /// Throttles the "out of file descriptors" log line.
+    pub fd_warning: fdlimit::Throttle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,11 @@ impl StartError {
 pub struct Prepared {
     pub config: Config,
     pub shared: Arc<Shared>,
+    /// RLIMIT_NOFILE after raising it.
+    pub fd_limit: FdLimit,
+    /// Sessions admitted at once: `limits.max_connections`, lowered when
+    /// the descriptor limit cannot hold that many.
+    pub max_sessions: usize,
 }
 
 impl Prepared {
@@ -93,6 +103,9 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let runtime = Runtime::build(&config)?;
     let metrics = Metrics::new(registry)?;
     metrics.set_certificates(&runtime.certificates);
+    let fd_limit = FdLimit::raise();
+    metrics.fd_limit.set(fd_limit.soft as i64);
+    let max_sessions = fd_limit.admitted(config.limits.max_connections);
     let shared = Arc::new(Shared {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
@@ -100,8 +113,15 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         cancels: CancelRegistry::new(),
         handshake_slots: Semaphore::new(config.limits.max_handshakes_in_flight),
         terminate: CancellationToken::new(),
+        fds: FdBudget::new(fd_limit.budget()),
+        fd_warning: fdlimit::Throttle::default(),
     });
-    Ok(Prepared { config, shared })
+    Ok(Prepared {
+        config,
+        shared,
+        fd_limit,
+        max_sessions,
+    })
 }
 
 /// Where reloads read from, and how the log filter is changed.
@@ -150,6 +170,11 @@ pub async fn serve(
 ) -> Result<Handle, StartError> {
     let config = &prepared.config;
     let shared = prepared.shared.clone();
+    if let Some(why) = prepared.fd_limit.shortfall(config.limits.max_connections) {
+        warn!("file descriptors: {why}");
+    } else if let Some(from) = prepared.fd_limit.raised_from {
+        info!(from, to = prepared.fd_limit.soft, "raised RLIMIT_NOFILE");
+    }
     let reloader = Arc::new(crate::reload::Reloader::new(
         shared.clone(),
         config.clone(),
@@ -158,7 +183,12 @@ pub async fn serve(
     let readiness = Arc::new(Readiness::new(config.admin.unready_after_backend_failures));
     let admin_stop = CancellationToken::new();
     let admin_addr = if config.admin.enabled {
-        let (listener, addr) = bind("admin.address", &config.admin.address).await?;
+        let (listener, addr) = bind(
+            "admin.address",
+            &config.admin.address,
+            crate::admin::BACKLOG,
+        )
+        .await?;
         let state = Arc::new(AdminState {
             registry: registry.clone(),
             readiness: readiness.clone(),
@@ -171,10 +201,20 @@ pub async fn serve(
     } else {
         None
     };
-    let (listener, local_addr) = bind("listen.address", &config.listen.address).await?;
-    let limit = match config.limits.max_connections {
+    let (listener, local_addr) = bind(
+        "listen.address",
+        &config.listen.address,
+        config.listen.backlog,
+    )
+    .await?;
+    info!(
+        backlog = config.listen.backlog,
+        effective = effective_backlog(config.listen.backlog),
+        "listen backlog"
+    );
+    let limit = match prepared.max_sessions {
         0 => Semaphore::MAX_PERMITS,
-        n => n,
+        n => n.min(Semaphore::MAX_PERMITS),
     };
     let slots = Arc::new(Semaphore::new(limit));
     let stop_accepting = CancellationToken::new();
@@ -211,15 +251,52 @@ pub async fn serve(
     })
 }
 
-async fn bind(key: &'static str, address: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+/// Binds `address` (every address it resolves to, first success wins) with
+/// an explicit listen backlog: tokio's `TcpListener::bind` always asks for
+/// 128, which a burst of connects overflows.
+async fn bind(
+    key: &'static str,
+    address: &str,
+    backlog: u32,
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind {
         key,
         address: address.to_string(),
         source,
     };
-    let listener = TcpListener::bind(address).await.map_err(err)?;
-    let local = listener.local_addr().map_err(err)?;
-    Ok((listener, local))
+    let mut last = None;
+    for addr in tokio::net::lookup_host(address).await.map_err(err)? {
+        match listen_on(addr, backlog) {
+            Ok(listener) => {
+                let local = listener.local_addr().map_err(err)?;
+                return Ok((listener, local));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "resolves to no address")
+    })))
+}
+
+fn listen_on(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As tokio's own bind: a restarted proxy must not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The backlog the kernel will actually use: Linux silently caps it at
+/// `net.core.somaxconn`.
+pub fn effective_backlog(backlog: u32) -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map_or(backlog, |cap| backlog.min(cap))
 }
 
 async fn accept_loop(
@@ -238,11 +315,28 @@ async fn accept_loop(
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let exhausted = fdlimit::is_exhaustion(&e);
+                if exhausted {
+                    shared
+                        .metrics
+                        .fd_exhausted
+                        .with_label_values(&["accept"])
+                        .inc();
+                }
+                if let Some(suppressed) = shared.fd_warning.due() {
+                    warn!(suppressed, "accept failed: {e}");
+                }
+                // Back off instead of spinning on a full descriptor table.
+                tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
                 continue;
             }
+        };
+        // A client the descriptor budget cannot pay for is closed at once:
+        // the reserve belongs to the admin listener and reloads.
+        let Some(fd) = shared.fds.try_take() else {
+            drop(tcp);
+            out_of_descriptors(&shared, "accept");
+            continue;
         };
         // Over the limit the client still negotiates, so it can be told
         // "too many connections" in a proper ErrorResponse.
@@ -251,10 +345,28 @@ async fn accept_loop(
         let force = force.clone();
         tracker.spawn(async move {
             tokio::select! {
-                _ = session::run(tcp, peer, shared, permit) => {}
+                _ = session::run(tcp, peer, shared, permit, fd) => {}
                 _ = force.cancelled() => {}
             }
         });
+    }
+}
+
+/// Counts and (at most every few seconds) logs a connection the proxy
+/// could not afford a descriptor for.
+pub fn out_of_descriptors(shared: &Shared, stage: &'static str) {
+    shared
+        .metrics
+        .fd_exhausted
+        .with_label_values(&[stage])
+        .inc();
+    if let Some(suppressed) = shared.fd_warning.due() {
+        warn!(
+            stage,
+            suppressed,
+            available = shared.fds.available(),
+            "out of file descriptors: refusing connections (see limits.max_connections and RLIMIT_NOFILE)"
+        );
     }
 }
 

@@ -79,12 +79,7 @@ impl Drop for SessionRecord {
         m.connections_closed
             .with_label_values(&[self.close_reason])
             .inc();
-        m.bytes_relayed
-            .with_label_values(&["client_to_backend"])
-            .inc_by(self.bytes_client_to_backend);
-        m.bytes_relayed
-            .with_label_values(&["backend_to_client"])
-            .inc_by(self.bytes_backend_to_client);
+        // Relayed bytes were published by the relay itself, as they moved.
         if let Some(t) = self.relay_started {
             m.session_duration.observe(t.elapsed().as_secs_f64());
         }

@@ -10,6 +10,7 @@ use crate::config::{BackendAuth, ClientAuthMode};
 use crate::error::SessionError;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::protocol::Replication;
 use crate::rolemap::Decision;
 use crate::runtime::Runtime;
 use crate::stream::ClientStream;
@@ -32,6 +33,7 @@ pub fn authorize(
     client: &ClientStream,
     user: &str,
     database: &str,
+    replication: Replication,
 ) -> Result<Access, SessionError> {
     if rt.client_auth == ClientAuthMode::None {
         return Ok(Access::Password);
@@ -46,7 +48,7 @@ pub fn authorize(
     let identity =
         Identity::from_der(der).map_err(|e| SessionError::BadClientCertificate(e.to_string()))?;
     let decisions = &metrics.role_decisions;
-    match rt.rolemap.decide(&identity, user, database) {
+    match rt.rolemap.decide(&identity, user, database, replication) {
         Decision::Allow {
             rule,
             kind,
@@ -61,6 +63,7 @@ pub fn authorize(
                 identity_kind = kind.as_str(),
                 role = user,
                 database,
+                replication = replication.as_str(),
                 rule,
                 backend_auth = ?backend_auth,
                 "certificate allowed"
@@ -84,6 +87,7 @@ pub fn authorize(
                 identity_kind = kind,
                 role = user,
                 database,
+                replication = replication.as_str(),
                 reason = reason.as_str(),
                 "certificate denied"
             );

@@ -140,6 +140,25 @@ pub struct RuleConfig {
     pub databases: Option<Vec<String>>,
     #[serde(default)]
     pub backend_auth: BackendAuth,
+    /// Which walsender connections the rule allows; none by default.
+    #[serde(default)]
+    pub replication: ReplicationRule,
+}
+
+/// The `replication` key of a rule: which walsender connections
+/// (startup parameter `replication`) it allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationRule {
+    /// Ordinary sessions only.
+    #[default]
+    None,
+    /// Physical walsenders (database "replication" in `databases`, if listed).
+    Physical,
+    /// Logical walsenders (`replication=database`) on the rule's databases.
+    Logical,
+    /// Both kinds.
+    Any,
 }
 
 /// How the proxy logs into the backend for a certificate-authenticated client.
@@ -183,6 +202,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D
 pub struct Listen {
     /// Client-facing `host:port`.
     pub address: String,
+    /// The listen(2) backlog: connections the kernel queues before the
+    /// proxy accepts them. Linux caps it at `net.core.somaxconn`.
+    pub backlog: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +218,10 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// Accept plaintext startups. Off by default: a security downgrade.
     pub allow_plaintext: bool,
+    /// Refuse TLS 1.2 handshakes without the extended master secret
+    /// extension (RFC 7627; RFC 9325 makes it a MUST). PostgreSQL does not
+    /// require it.
+    pub require_ems: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +334,7 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             address: "127.0.0.1:6432".into(),
+            backlog: 1024,
         }
     }
 }
@@ -319,6 +346,7 @@ impl Default for Tls {
             key: None,
             min_version: TlsVersion::V1_2,
             allow_plaintext: false,
+            require_ems: true,
         }
     }
 }
@@ -536,6 +564,9 @@ impl Config {
                 "admin.address",
                 "is not a loopback address; set admin.allow_non_loopback = true to expose metrics and readiness beyond this host",
             ));
+        }
+        if self.listen.backlog == 0 {
+            return Err(invalid("listen.backlog", "must be greater than 0"));
         }
         if self.limits.max_handshakes_in_flight == 0 {
             return Err(invalid(

@@ -19,6 +19,7 @@ pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const QUERY_CANCELED: &str = "57014";
@@ -65,6 +66,8 @@ pub enum SessionError {
     PlaintextRefused,
     #[error("no user name in the startup packet")]
     NoUser,
+    #[error("invalid value for startup parameter replication: {0:?}")]
+    InvalidReplication(String),
     #[error("deadline expired during {}", .0.as_str())]
     Timeout(Phase),
     #[error("backend: {0}")]
@@ -95,6 +98,17 @@ pub enum SessionError {
         user: String,
         source: crate::backend::login::LoginError,
     },
+}
+
+impl From<crate::protocol::NamesError> for SessionError {
+    fn from(e: crate::protocol::NamesError) -> Self {
+        match e {
+            crate::protocol::NamesError::NoUser => SessionError::NoUser,
+            crate::protocol::NamesError::InvalidReplication(v) => {
+                SessionError::InvalidReplication(v)
+            }
+        }
+    }
 }
 
 impl From<ReadError> for SessionError {
@@ -162,6 +176,7 @@ impl SessionError {
             SessionError::DirectTlsWithoutAlpn => "alpn_mismatch",
             SessionError::PlaintextRefused => "plaintext_rejected",
             SessionError::NoUser => "protocol_violation",
+            SessionError::InvalidReplication(_) => "protocol_violation",
             SessionError::Timeout(_) => "timeout",
             SessionError::Backend(_) => "backend",
             SessionError::ChannelBindingThroughTls => "channel_binding",
@@ -198,6 +213,12 @@ impl SessionError {
                 INVALID_AUTHORIZATION,
                 "no PostgreSQL user name specified in startup packet",
             ),
+            // PostgreSQL's words and SQLSTATE (backend_startup.c).
+            SessionError::InvalidReplication(value) => ClientError::fatal(
+                INVALID_PARAMETER_VALUE,
+                format!("invalid value for parameter \"replication\": \"{value}\""),
+            )
+            .with_hint("Valid values are: \"false\", 0, \"true\", 1, \"database\"."),
             SessionError::Timeout(Phase::BackendConnect) => ClientError::fatal(
                 CONNECTION_FAILURE,
                 "timed out connecting to the PostgreSQL server behind pg-tls-proxy",
@@ -244,6 +265,10 @@ impl SessionError {
                 database,
                 reason,
             } => match reason {
+                crate::rolemap::DenyReason::ReplicationNotAllowed => ClientError::fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("certificate \"{identity}\" is not allowed to start a replication connection as role \"{user}\""),
+                ),
                 crate::rolemap::DenyReason::DatabaseNotAllowed => ClientError::fatal(
                     INVALID_AUTHORIZATION,
                     format!("certificate \"{identity}\" is not allowed to connect to database \"{database}\" as role \"{user}\""),

@@ -10,6 +10,7 @@ use rustls_pki_types::UnixTime;
 
 use crate::config::{ClientAuthMode, Config};
 use crate::identity::Identity;
+use crate::protocol::Replication;
 use crate::rolemap::{Decision, RoleMap};
 use crate::tls::client_auth;
 use crate::tls::pem::{self, CertSummary, FileError};
@@ -33,6 +34,7 @@ pub fn explain(
     cert: &Path,
     user: Option<&str>,
     database: Option<&str>,
+    replication: Replication,
 ) -> Result<Explained, ExplainError> {
     let chain = pem::certs("--cert", cert)?;
     let leaf = &chain[0];
@@ -97,14 +99,25 @@ pub fn explain(
         }
     }
 
-    let database = database.or(user);
+    // A physical walsender is checked as database "replication", as the
+    // proxy (and pg_hba) do.
+    let database = match replication {
+        Replication::Physical => Some("replication"),
+        _ => database.or(user),
+    };
     let _ = writeln!(
         w,
-        "rules (user {}, database {}):",
+        "rules (user {}, database {}, replication {}):",
         user.map_or("(not given)".to_string(), |u| format!("\"{u}\"")),
-        database.map_or("(not given)".to_string(), |d| format!("\"{d}\""))
+        database.map_or("(not given)".to_string(), |d| format!("\"{d}\"")),
+        replication.as_str()
     );
-    let trace = rules.explain(&identity, user.unwrap_or(""), database.unwrap_or(""));
+    let trace = rules.explain(
+        &identity,
+        user.unwrap_or(""),
+        database.unwrap_or(""),
+        replication,
+    );
     for (t, rule) in trace.iter().zip(&config.rules) {
         let matcher = match (&rule.pattern, &rule.exact) {
             (Some(p), _) => format!("pattern '{p}'"),
@@ -117,11 +130,13 @@ pub fn explain(
                 let _ = writeln!(w, "no match");
             }
             Some((value, roles)) => {
-                let verdict = match (user, t.allows, t.database_allowed) {
-                    (None, ..) => "",
-                    (Some(_), true, _) => " -> ALLOWS",
-                    (Some(_), false, false) => " -> database not allowed",
-                    (Some(_), false, true) => " -> role not in this rule",
+                let role_ok = user.is_some_and(|u| roles.iter().any(|r| r == u));
+                let verdict = match (user, t.allows) {
+                    (None, _) => "",
+                    (Some(_), true) => " -> ALLOWS",
+                    _ if !role_ok => " -> role not in this rule",
+                    _ if !t.database_allowed => " -> database not allowed",
+                    _ => " -> replication not allowed",
                 };
                 let _ = writeln!(
                     w,
@@ -134,46 +149,47 @@ pub fn explain(
     if trace.is_empty() {
         let _ = writeln!(w, "  (no rules: every certificate is denied)");
     }
-    let allowed = user.map(
-        |u| match rules.decide(&identity, u, database.unwrap_or(u)) {
-            _ if !chain_ok => {
-                let _ = writeln!(
-                    w,
-                    "decision: DENY: the certificate does not verify (see chain above)"
-                );
-                false
-            }
-            Decision::Allow {
-                rule, backend_auth, ..
-            } => {
-                let auth = match backend_auth {
-                    crate::config::BackendAuth::Passthrough => "passthrough",
-                    crate::config::BackendAuth::Proxy => "proxy",
-                };
-                let _ = writeln!(
-                    w,
-                    "decision: ALLOW by rule {rule} (backend_auth = \"{auth}\")"
-                );
-                true
-            }
-            Decision::Deny {
-                reason, identity, ..
-            } => {
-                // Exactly what the client would be told.
-                let told = crate::error::SessionError::RoleDenied {
-                    identity,
-                    user: u.to_string(),
-                    database: database.unwrap_or(u).to_string(),
-                    reason,
+    let allowed =
+        user.map(
+            |u| match rules.decide(&identity, u, database.unwrap_or(u), replication) {
+                _ if !chain_ok => {
+                    let _ = writeln!(
+                        w,
+                        "decision: DENY: the certificate does not verify (see chain above)"
+                    );
+                    false
                 }
-                .client_error()
-                .map(|e| e.message)
-                .unwrap_or_default();
-                let _ = writeln!(w, "decision: DENY ({}): {told}", reason.as_str());
-                false
-            }
-        },
-    );
+                Decision::Allow {
+                    rule, backend_auth, ..
+                } => {
+                    let auth = match backend_auth {
+                        crate::config::BackendAuth::Passthrough => "passthrough",
+                        crate::config::BackendAuth::Proxy => "proxy",
+                    };
+                    let _ = writeln!(
+                        w,
+                        "decision: ALLOW by rule {rule} (backend_auth = \"{auth}\")"
+                    );
+                    true
+                }
+                Decision::Deny {
+                    reason, identity, ..
+                } => {
+                    // Exactly what the client would be told.
+                    let told = crate::error::SessionError::RoleDenied {
+                        identity,
+                        user: u.to_string(),
+                        database: database.unwrap_or(u).to_string(),
+                        reason,
+                    }
+                    .client_error()
+                    .map(|e| e.message)
+                    .unwrap_or_default();
+                    let _ = writeln!(w, "decision: DENY ({}): {told}", reason.as_str());
+                    false
+                }
+            },
+        );
     if allowed.is_none() {
         let _ = writeln!(w, "decision: give --user (and --database) to decide");
     }

@@ -24,6 +24,7 @@
 //! - [`admin`]: the admin HTTP listener (/metrics, /live, /ready).
 //! - [`metrics`]: Prometheus metrics on a registry passed down.
 //! - [`explain`]: the offline "why was I refused?" report.
+//! - [`fdlimit`]: RLIMIT_NOFILE, the descriptor budget and its reserve.
 //! - [`devcerts`]: throwaway development certificates.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used)]
@@ -38,6 +39,7 @@ pub mod config;
 pub mod devcerts;
 pub mod error;
 pub mod explain;
+pub mod fdlimit;
 pub mod identity;
 pub mod metrics;
 pub mod negotiate;

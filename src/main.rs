@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pg_tls_proxy::app::{self, Prepared};
 use pg_tls_proxy::config::{Config, LogFormat};
+use pg_tls_proxy::protocol::Replication;
 use pg_tls_proxy::tls::pem::unix_now;
 use tracing_subscriber::EnvFilter;
 
@@ -39,6 +40,10 @@ enum Command {
         /// The database (default: the user name, as PostgreSQL).
         #[arg(long)]
         database: Option<String>,
+        /// The startup's `replication` value, as a client would send it
+        /// (`true`, `database`, ...).
+        #[arg(long)]
+        replication: Option<String>,
     },
     /// Write a throwaway CA, server and client certificates (development only).
     DevCerts {
@@ -78,7 +83,8 @@ fn main() -> ExitCode {
             cert,
             user,
             database,
-        }) => explain(cli.config, cert, user, database),
+            replication,
+        }) => explain(cli.config, cert, user, database, replication),
         None => run(cli.config),
     }
 }
@@ -164,6 +170,24 @@ fn check(config: Option<PathBuf>) -> ExitCode {
         c.limits.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}"))
     );
     out!(
+        "listen.backlog      {} (effective {}: the kernel caps it at net.core.somaxconn)",
+        c.listen.backlog,
+        app::effective_backlog(c.listen.backlog)
+    );
+    let fds = &prepared.fd_limit;
+    out!(
+        "file descriptors    RLIMIT_NOFILE {} (hard {}{}); room for {} sessions (2 descriptors each, {} reserved)",
+        fds.soft,
+        fds.hard,
+        fds.raised_from
+            .map_or(String::new(), |from| format!(", raised from {from}")),
+        fds.sessions(),
+        pg_tls_proxy::fdlimit::RESERVED
+    );
+    if let Some(why) = fds.shortfall(c.limits.max_connections) {
+        out!("WARNING             {why}");
+    }
+    out!(
         "shutdown            grace_period={:?}",
         c.shutdown.grace_period
     );
@@ -185,7 +209,18 @@ fn explain(
     cert: PathBuf,
     user: Option<String>,
     database: Option<String>,
+    replication: Option<String>,
 ) -> ExitCode {
+    let replication = match replication.as_deref().map(Replication::parse) {
+        None => Replication::None,
+        Some(Some(r)) => r,
+        Some(None) => {
+            eprintln!(
+                "pg-tls-proxy explain: --replication: PostgreSQL accepts a boolean or \"database\""
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     let config = match Config::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -193,7 +228,13 @@ fn explain(
             return ExitCode::from(EX_USAGE);
         }
     };
-    match pg_tls_proxy::explain::explain(&config, &cert, user.as_deref(), database.as_deref()) {
+    match pg_tls_proxy::explain::explain(
+        &config,
+        &cert,
+        user.as_deref(),
+        database.as_deref(),
+        replication,
+    ) {
         Ok(report) => {
             {
                 use std::io::Write;

@@ -43,6 +43,7 @@ pub mod labels {
         "bad_certificate",
         "alpn_mismatch",
         "protocol_version",
+        "no_ems",
         "other",
     ];
 }
@@ -64,10 +65,15 @@ pub struct Metrics {
     pub backend_connects: IntCounterVec,
     pub backend_logins: IntCounterVec,
     pub bytes_relayed: IntCounterVec,
+    /// The two `bytes_relayed` children, resolved once for the relay.
+    pub relay_progress: RelayProgress,
     pub session_duration: Histogram,
     pub certificate_not_after: GaugeVec,
     pub config_reloads: IntCounterVec,
     pub ready: IntGauge,
+    pub fd_limit: IntGauge,
+    pub fd_exhausted: IntCounterVec,
+    pub admin_connections_refused: IntCounter,
     pub build_info: IntGaugeVec,
     pub start_time: Gauge,
 }
@@ -151,6 +157,15 @@ impl Metrics {
             "Client TLS handshakes holding an admission permit now (limits.max_handshakes_in_flight).",
         ))?;
         registry.register(Box::new(in_flight.clone()))?;
+        let bytes_relayed = r.counters(
+            "pgtls_relayed_bytes_total",
+            "Bytes relayed after authentication, by direction; published every few seconds while sessions run.",
+            &["direction"],
+        )?;
+        let relay_progress = RelayProgress {
+            client_to_backend: bytes_relayed.with_label_values(&["client_to_backend"]),
+            backend_to_client: bytes_relayed.with_label_values(&["backend_to_client"]),
+        };
         let m = Metrics {
             tls_handshakes_in_flight: in_flight,
             cancel_requests: r.counters(
@@ -212,11 +227,8 @@ impl Metrics {
                 "Proxy-authenticated backend logins, by method and result.",
                 &["method", "result"],
             )?,
-            bytes_relayed: r.counters(
-                "pgtls_relayed_bytes_total",
-                "Bytes relayed after authentication, by direction.",
-                &["direction"],
-            )?,
+            bytes_relayed,
+            relay_progress,
             session_duration: {
                 let h = Histogram::with_opts(
                     HistogramOpts::new(
@@ -235,6 +247,23 @@ impl Metrics {
                 &["result"],
             )?,
             ready,
+            fd_limit: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "pgtls_fd_limit",
+                    "RLIMIT_NOFILE (soft) in force, after the proxy raised it at start.",
+                ))?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            fd_exhausted: r.counters(
+                "pgtls_fd_exhausted_total",
+                "Connections refused because the proxy ran out of file descriptors (its budget, or EMFILE/ENFILE), by stage (accept, backend).",
+                &["stage"],
+            )?,
+            admin_connections_refused: r.counter(
+                "pgtls_admin_connections_refused_total",
+                "Admin HTTP connections closed at once because the admin listener's connection cap was reached.",
+            )?,
             build_info,
             start_time,
         };
@@ -251,6 +280,9 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]);
         }
+        for stage in ["accept", "backend"] {
+            m.fd_exhausted.with_label_values(&[stage]);
+        }
         for result in ["forwarded", "unknown", "rate_limited", "failed"] {
             m.cancel_requests.with_label_values(&[result]);
         }
@@ -265,5 +297,26 @@ impl Metrics {
                 .with_label_values(&[*role, subject.as_str()])
                 .set(*not_after as f64);
         }
+    }
+}
+
+/// Counters the relay adds its bytes to every [`RelayProgress::EVERY`] and once
+/// more when it ends, so that a long COPY or replication stream shows up
+/// in monitoring while it runs. The timer is polled only on wakes the relay
+/// has anyway: no work per message.
+#[derive(Clone)]
+pub struct RelayProgress {
+    pub client_to_backend: prometheus::IntCounter,
+    pub backend_to_client: prometheus::IntCounter,
+}
+
+impl RelayProgress {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Adds what moved since `reported`, and remembers it.
+    pub fn publish(&self, reported: &mut (u64, u64), up: u64, down: u64) {
+        self.client_to_backend.inc_by(up - reported.0);
+        self.backend_to_client.inc_by(down - reported.1);
+        *reported = (up, down);
     }
 }

@@ -338,6 +338,9 @@ pub fn failure_reason(error: &SessionError) -> &'static str {
         {
             Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
             Some(rustls::Error::NoApplicationProtocol) => "alpn_mismatch",
+            Some(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::ExtendedMasterSecretExtensionRequired,
+            )) => "no_ems",
             Some(rustls::Error::PeerIncompatible(_)) => "protocol_version",
             Some(rustls::Error::InvalidCertificate(c)) => match c {
                 C::UnknownIssuer => "unknown_ca",

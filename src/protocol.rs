@@ -69,22 +69,28 @@ impl StartupPacket {
             .or_else(|| self.user())
     }
 
-    /// The role and database PostgreSQL will actually use, for access
-    /// decisions: truncated as PostgreSQL truncates them (a 65-byte name
-    /// must not pass a rule as itself and log in as its 63-byte prefix),
-    /// and a physical replication connection is checked as database
-    /// "replication", as pg_hba does.
-    pub fn effective_names(&self) -> Option<(String, String)> {
-        let user = truncate_name(self.user()?);
-        let physical_replication = self.message.parameters.get("replication").is_some_and(|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1")
-        });
-        let database = if physical_replication {
-            "replication".to_string()
-        } else {
-            truncate_name(self.database().unwrap_or_default())
+    /// The role, database and connection kind PostgreSQL will actually
+    /// use, for access decisions: names truncated as PostgreSQL truncates
+    /// them (a 65-byte name must not pass a rule as itself and log in as
+    /// its 63-byte prefix); a physical walsender is checked as database
+    /// "replication", as pg_hba does, and a logical one as its database.
+    pub fn effective_names(&self) -> Result<Names, NamesError> {
+        let user = truncate_name(self.user().ok_or(NamesError::NoUser)?);
+        let replication = match self.message.parameters.get("replication") {
+            None => Replication::None,
+            Some(v) => {
+                Replication::parse(v).ok_or_else(|| NamesError::InvalidReplication(v.clone()))?
+            }
         };
-        Some((user, database))
+        let database = match replication {
+            Replication::Physical => "replication".to_string(),
+            _ => truncate_name(self.database().unwrap_or_default()),
+        };
+        Ok(Names {
+            user,
+            database,
+            replication,
+        })
     }
 
     /// `_pq_.` protocol options the client asked for (none are supported).
@@ -118,6 +124,85 @@ impl StartupPacket {
     }
 }
 
+/// What a startup asks for, as PostgreSQL will read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub user: String,
+    pub database: String,
+    pub replication: Replication,
+}
+
+/// Why a startup names nothing PostgreSQL would accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamesError {
+    /// Absent or empty `user`.
+    NoUser,
+    /// A `replication` value PostgreSQL refuses (it answers FATAL 22023).
+    InvalidReplication(String),
+}
+
+/// The kind of connection the `replication` startup parameter asks for
+/// (`am_walsender` / `am_db_walsender` in PostgreSQL's
+/// src/backend/tcop/backend_startup.c).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Replication {
+    /// An ordinary backend.
+    #[default]
+    None,
+    /// A physical walsender: no database, pg_hba's `replication` keyword.
+    Physical,
+    /// A logical walsender (`replication=database`): connected to its
+    /// database and allowed to run replication commands there.
+    Logical,
+}
+
+impl Replication {
+    /// PostgreSQL's reading of the value: exactly `database` (case
+    /// sensitive, a `strcmp`), else `parse_bool`; `None` for what
+    /// PostgreSQL refuses.
+    pub fn parse(value: &str) -> Option<Replication> {
+        if value == "database" {
+            return Some(Replication::Logical);
+        }
+        Some(match parse_bool(value)? {
+            true => Replication::Physical,
+            false => Replication::None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replication::None => "none",
+            Replication::Physical => "physical",
+            Replication::Logical => "logical",
+        }
+    }
+}
+
+/// PostgreSQL's `parse_bool_with_len` (src/backend/utils/adt/bool.c): any
+/// case-insensitive prefix of true/false/yes/no, `on`/`off` from two
+/// letters on (`o` alone is ambiguous), and exactly `1` or `0`. No
+/// whitespace is trimmed.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    let v = value.as_bytes();
+    let prefix_of = |word: &str, min: usize| {
+        v.len() >= min
+            && v.len() <= word.len()
+            && word.as_bytes()[..v.len()].eq_ignore_ascii_case(v)
+    };
+    match v.first()? {
+        b't' | b'T' if prefix_of("true", 1) => Some(true),
+        b'f' | b'F' if prefix_of("false", 1) => Some(false),
+        b'y' | b'Y' if prefix_of("yes", 1) => Some(true),
+        b'n' | b'N' if prefix_of("no", 1) => Some(false),
+        b'o' | b'O' if prefix_of("on", 2) => Some(true),
+        b'o' | b'O' if prefix_of("off", 2) => Some(false),
+        b'1' if v.len() == 1 => Some(true),
+        b'0' if v.len() == 1 => Some(false),
+        _ => None,
+    }
+}
+
 /// A frontend protocol error: always answered with SQLSTATE 08P01.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -128,7 +213,7 @@ pub enum ProtocolError {
     #[error("malformed {0}")]
     Malformed(&'static str),
     #[error("invalid message length {0}")]
-    MessageLength(usize),
+    MessageLength(i32),
     #[error("{0}")]
     Unexpected(&'static str),
 }
@@ -285,7 +370,7 @@ impl MessageReader {
             if self.buf.len() >= 5 {
                 let len = (&self.buf[1..5]).get_i32();
                 if len < 4 || len as usize > self.max_len {
-                    return Err(ProtocolError::MessageLength(len.max(0) as usize).into());
+                    return Err(ProtocolError::MessageLength(len).into());
                 }
                 let total = len as usize + 1;
                 if self.buf.len() >= total {
@@ -298,6 +383,19 @@ impl MessageReader {
                 return Err(ReadError::Eof);
             }
         }
+    }
+
+    /// Waits until the peer has sent at least one byte (kept for
+    /// [`MessageReader::next`]). Cancel-safe: a read either lands in the
+    /// buffer or did not happen.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<(), ReadError> {
+        if !self.buf.is_empty() {
+            return Ok(());
+        }
+        if io.read_buf(&mut self.buf).await? == 0 {
+            return Err(ReadError::Eof);
+        }
+        Ok(())
     }
 
     /// Bytes read past the last message returned.
@@ -418,9 +516,12 @@ mod tests {
         let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
             panic!()
         };
-        let (user, db) = s.effective_names().expect("names");
-        assert_eq!(user.len(), 63);
-        assert_eq!(db, user, "an empty database means the user");
+        let names = s.effective_names().expect("names");
+        assert_eq!(names.user.len(), 63);
+        assert_eq!(
+            names.database, names.user,
+            "an empty database means the user"
+        );
         let raw = startup_bytes(
             196608,
             &[("user", "r"), ("database", "app"), ("replication", "true")],
@@ -428,7 +529,7 @@ mod tests {
         let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
             panic!()
         };
-        assert_eq!(s.effective_names().expect("names").1, "replication");
+        assert_eq!(s.effective_names().expect("names").database, "replication");
         assert_eq!(
             truncate_name(&"é".repeat(40)).len(),
             62,
@@ -438,7 +539,11 @@ mod tests {
         let Ok(Packet::Startup(s)) = read_packet(&mut std::io::Cursor::new(raw)).await else {
             panic!()
         };
-        assert!(s.effective_names().is_none(), "an empty user is no user");
+        assert_eq!(
+            s.effective_names(),
+            Err(NamesError::NoUser),
+            "an empty user is no user"
+        );
     }
 
     #[tokio::test]
@@ -485,5 +590,79 @@ mod tests {
             r.next(&mut c).await,
             Err(ReadError::Protocol(ProtocolError::MessageLength(_)))
         ));
+    }
+
+    /// Every spelling PostgreSQL's parse_bool accepts, and the ones it
+    /// refuses (a walsender must never pass as an ordinary backend).
+    #[test]
+    fn replication_values_read_as_postgresql_reads_them() {
+        use Replication::*;
+        for v in [
+            "t", "tr", "tru", "true", "TRUE", "TrU", "y", "ye", "yes", "YES", "on", "ON", "oN", "1",
+        ] {
+            assert_eq!(Replication::parse(v), Some(Physical), "{v}");
+        }
+        for v in [
+            "f", "fa", "false", "FALSE", "n", "no", "NO", "of", "off", "OFF", "0",
+        ] {
+            assert_eq!(Replication::parse(v), Some(None), "{v}");
+        }
+        assert_eq!(Replication::parse("database"), Some(Logical));
+        for v in [
+            "",
+            "o",
+            "truex",
+            "yess",
+            "onn",
+            "offf",
+            "2",
+            "01",
+            "10",
+            " true",
+            "true ",
+            "Database",
+            "DATABASE",
+            "databases",
+            "x",
+        ] {
+            assert_eq!(Replication::parse(v), Option::None, "{v:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn replication_startups_are_checked_as_walsenders() {
+        let names = |params: &[(&str, &str)]| {
+            let raw = startup_bytes(196608, params);
+            let Ok(Packet::Startup(s)) = parse_packet(BytesMut::from(&raw[..])) else {
+                panic!("startup")
+            };
+            s.effective_names()
+        };
+        for v in ["t", "y", "TRU", "ye", "on", "1"] {
+            let n =
+                names(&[("user", "r"), ("database", "bench"), ("replication", v)]).expect("names");
+            assert_eq!(n.database, "replication", "{v}");
+            assert_eq!(n.replication, Replication::Physical, "{v}");
+        }
+        let n = names(&[
+            ("user", "r"),
+            ("database", "bench"),
+            ("replication", "database"),
+        ])
+        .expect("names");
+        assert_eq!(
+            (n.database.as_str(), n.replication),
+            ("bench", Replication::Logical)
+        );
+        let n =
+            names(&[("user", "r"), ("database", "bench"), ("replication", "off")]).expect("names");
+        assert_eq!(
+            (n.database.as_str(), n.replication),
+            ("bench", Replication::None)
+        );
+        assert_eq!(
+            names(&[("user", "r"), ("replication", "maybe")]),
+            Err(NamesError::InvalidReplication("maybe".into()))
+        );
     }
 }

@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::metrics::RelayProgress;
+
 /// Per-direction buffer: one TLS record's worth of plaintext.
 pub const RELAY_BUFFER: usize = 16 * 1024;
 
@@ -346,6 +348,8 @@ pub struct Options<'a> {
     pub to_client: bytes::BytesMut,
     /// Read from the client during authentication, not yet sent on.
     pub to_backend: bytes::BytesMut,
+    /// Where bytes moved are published while the session runs.
+    pub progress: Option<RelayProgress>,
 }
 
 /// Copies until both directions have ended, either fails, or `limits`
@@ -366,8 +370,12 @@ where
         idle_timeout,
         to_client,
         to_backend,
+        progress,
     } = limits;
     drop((to_client, to_backend));
+    let mut reported = (0u64, 0u64);
+    let report = tokio::time::sleep(RelayProgress::EVERY);
+    tokio::pin!(report);
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
     let mut stopping: Option<Ending> = None;
@@ -395,7 +403,16 @@ where
         source,
         stats: s,
     };
-    poll_fn(|cx| {
+    let result = poll_fn(|cx| {
+        if let Some(p) = &progress {
+            if report.as_mut().poll(cx).is_ready() {
+                p.publish(&mut reported, up.total, down.total);
+                report
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + RelayProgress::EVERY);
+                let _ = report.as_mut().poll(cx);
+            }
+        }
         if stopping.is_none() {
             if terminate.as_mut().poll(cx).is_ready() {
                 stopping = Some(Ending::Terminated);
@@ -491,13 +508,60 @@ where
             Poll::Pending
         }
     })
-    .await
+    .await;
+    if let Some(p) = &progress {
+        let s = match &result {
+            Ok(s) => s,
+            Err(e) => &e.stats,
+        };
+        p.publish(&mut reported, s.client_to_backend, s.backend_to_client);
+    }
+    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes show in the counters while the session runs, not only at
+    /// its end, and the final count is exact.
+    #[tokio::test(start_paused = true)]
+    async fn publishes_progress_while_running() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let progress = RelayProgress {
+            client_to_backend: prometheus::IntCounter::new("up", "up").expect("counter"),
+            backend_to_client: prometheus::IntCounter::new("down", "down").expect("counter"),
+        };
+        let options = Options {
+            progress: Some(progress.clone()),
+            ..Options::default()
+        };
+        let task = tokio::spawn(async move { relay(&mut client, &mut backend, options).await });
+        client_end.write_all(&[1u8; 1000]).await.expect("write");
+        let mut got = [0u8; 1000];
+        backend_end.read_exact(&mut got).await.expect("read");
+        assert_eq!(progress.client_to_backend.get(), 0, "not yet published");
+        tokio::time::sleep(RelayProgress::EVERY + Duration::from_millis(10)).await;
+        assert_eq!(
+            progress.client_to_backend.get(),
+            1000,
+            "published while running"
+        );
+        backend_end
+            .write_all(&msg(b'Z', b"I"))
+            .await
+            .expect("write");
+        client_end.shutdown().await.expect("shutdown");
+        backend_end.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        client_end.read_to_end(&mut rest).await.expect("read");
+        drop(backend_end);
+        task.await.expect("join").expect("relay");
+        assert_eq!(progress.client_to_backend.get(), 1000);
+        assert_eq!(progress.backend_to_client.get(), 6);
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];

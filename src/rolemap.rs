@@ -17,8 +17,9 @@ use std::collections::HashMap;
 
 use regex::{Regex, RegexSet};
 
-use crate::config::{BackendAuth, RuleConfig};
+use crate::config::{BackendAuth, ReplicationRule, RuleConfig};
 use crate::identity::{Identity, IdentityKind};
+use crate::protocol::Replication;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("rules[{index}].{key}: {reason}")]
@@ -45,6 +46,7 @@ struct Rule {
     roles: Vec<Vec<Part>>,
     databases: Option<Vec<String>>,
     backend_auth: BackendAuth,
+    replication: ReplicationRule,
 }
 
 /// Why a startup was refused.
@@ -53,6 +55,7 @@ pub enum DenyReason {
     NoRuleMatched,
     RoleNotAllowed,
     DatabaseNotAllowed,
+    ReplicationNotAllowed,
 }
 
 impl DenyReason {
@@ -61,6 +64,7 @@ impl DenyReason {
             DenyReason::NoRuleMatched => "no_rule_matched",
             DenyReason::RoleNotAllowed => "role_not_allowed",
             DenyReason::DatabaseNotAllowed => "database_not_allowed",
+            DenyReason::ReplicationNotAllowed => "replication_not_allowed",
         }
     }
 }
@@ -90,6 +94,7 @@ pub struct RuleTrace {
     /// The first identity value the rule matched, with its expanded roles.
     pub matched: Option<(String, Vec<String>)>,
     pub database_allowed: bool,
+    pub replication_allowed: bool,
     pub allows: bool,
 }
 
@@ -150,6 +155,21 @@ impl RoleMap {
                 .iter()
                 .map(|t| parse_template(t, groups).map_err(|r| err("roles", r)))
                 .collect::<Result<Vec<_>, _>>()?;
+            let lists_replication = c
+                .databases
+                .as_ref()
+                .is_some_and(|d| d.iter().any(|x| x == "replication"));
+            if lists_replication
+                && !matches!(
+                    c.replication,
+                    ReplicationRule::Physical | ReplicationRule::Any
+                )
+            {
+                return Err(err(
+                    "replication",
+                    "databases lists \"replication\" (physical walsenders) but the rule does not allow replication: add replication = \"physical\"".into(),
+                ));
+            }
             if matches!(&c.databases, Some(d) if d.is_empty()) {
                 return Err(err(
                     "databases",
@@ -162,6 +182,7 @@ impl RoleMap {
                 roles,
                 databases: c.databases.clone(),
                 backend_auth: c.backend_auth,
+                replication: c.replication,
             });
         }
         for (kind, list) in patterns {
@@ -186,7 +207,13 @@ impl RoleMap {
     }
 
     /// The decision for one startup.
-    pub fn decide(&self, id: &Identity, user: &str, database: &str) -> Decision {
+    pub fn decide(
+        &self,
+        id: &Identity,
+        user: &str,
+        database: &str,
+        replication: Replication,
+    ) -> Decision {
         let mut candidates: Vec<(usize, &str)> = Vec::new();
         for (kind, idx) in &self.index {
             for value in id.values(*kind) {
@@ -213,6 +240,8 @@ impl RoleMap {
                 DenyReason::RoleNotAllowed
             } else if !rule.database_allowed(database) {
                 DenyReason::DatabaseNotAllowed
+            } else if !rule.replication_allowed(replication) {
+                DenyReason::ReplicationNotAllowed
             } else {
                 return Decision::Allow {
                     rule: i,
@@ -221,7 +250,11 @@ impl RoleMap {
                     backend_auth: rule.backend_auth,
                 };
             };
-            if best.is_none_or(|(r, ..)| reason == DenyReason::DatabaseNotAllowed && r != reason) {
+            // Name the most specific refusal: a rule that matched the role
+            // says more than one that did not.
+            if best.is_none_or(|(r, ..)| {
+                reason != DenyReason::RoleNotAllowed && r == DenyReason::RoleNotAllowed
+            }) {
                 best = Some((reason, i, value));
             }
         }
@@ -240,7 +273,13 @@ impl RoleMap {
     }
 
     /// Every rule in order, with what it made of this certificate.
-    pub fn explain(&self, id: &Identity, user: &str, database: &str) -> Vec<RuleTrace> {
+    pub fn explain(
+        &self,
+        id: &Identity,
+        user: &str,
+        database: &str,
+        replication: Replication,
+    ) -> Vec<RuleTrace> {
         self.rules
             .iter()
             .enumerate()
@@ -257,7 +296,9 @@ impl RoleMap {
                     .or(all.first())
                     .cloned();
                 let database_allowed = rule.database_allowed(database);
+                let replication_allowed = rule.replication_allowed(replication);
                 let allows = database_allowed
+                    && replication_allowed
                     && matched
                         .as_ref()
                         .is_some_and(|(_, roles)| roles.iter().any(|r| r == user));
@@ -266,6 +307,7 @@ impl RoleMap {
                     kind: rule.kind,
                     matched,
                     database_allowed,
+                    replication_allowed,
                     allows,
                 }
             })
@@ -287,6 +329,17 @@ impl Rule {
                     .collect();
                 Some(self.roles.iter().map(|t| render(t, &groups)).collect())
             }
+        }
+    }
+
+    /// A walsender needs a rule that names its kind: replication streams
+    /// every database's data, whatever `databases` says.
+    fn replication_allowed(&self, replication: Replication) -> bool {
+        use ReplicationRule as R;
+        match replication {
+            Replication::None => true,
+            Replication::Physical => matches!(self.replication, R::Physical | R::Any),
+            Replication::Logical => matches!(self.replication, R::Logical | R::Any),
         }
     }
 
@@ -363,6 +416,7 @@ mod tests {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             databases: None,
             backend_auth: BackendAuth::Passthrough,
+            replication: ReplicationRule::None,
         }
     }
 
@@ -388,19 +442,19 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            map.decide(&id, "web", "app"),
+            map.decide(&id, "web", "app", Replication::None),
             Decision::Allow { rule: 0, .. }
         ));
         assert!(matches!(
-            map.decide(&id, "readonly", "app"),
+            map.decide(&id, "readonly", "app", Replication::None),
             Decision::Allow { .. }
         ));
         assert!(matches!(
-            map.decide(&id, "shop_web", "app"),
+            map.decide(&id, "shop_web", "app", Replication::None),
             Decision::Allow { .. }
         ));
         assert_eq!(
-            map.decide(&id, "admin", "app"),
+            map.decide(&id, "admin", "app", Replication::None),
             Decision::Deny {
                 reason: DenyReason::RoleNotAllowed,
                 identity: "spiffe://prod.example.org/ns/shop/sa/web".into(),
@@ -413,7 +467,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            map.decide(&id, "web", "app"),
+            map.decide(&id, "web", "app", Replication::None),
             Decision::Deny {
                 reason: DenyReason::NoRuleMatched,
                 ..
@@ -429,19 +483,19 @@ mod tests {
         ])
         .expect("compile");
         assert!(matches!(
-            map.decide(&id_cn("Alice"), "alice", "db"),
+            map.decide(&id_cn("Alice"), "alice", "db", Replication::None),
             Decision::Deny { .. }
         ));
         assert!(matches!(
-            map.decide(&id_cn("alice"), "alice", "db"),
+            map.decide(&id_cn("alice"), "alice", "db", Replication::None),
             Decision::Allow { .. }
         ));
         assert!(matches!(
-            map.decide(&id_cn("*.example.com"), "wild", "db"),
+            map.decide(&id_cn("*.example.com"), "wild", "db", Replication::None),
             Decision::Allow { .. }
         ));
         assert!(matches!(
-            map.decide(&id_cn("db.example.com"), "wild", "db"),
+            map.decide(&id_cn("db.example.com"), "wild", "db", Replication::None),
             Decision::Deny { .. }
         ));
     }
@@ -455,25 +509,25 @@ mod tests {
         let map = RoleMap::compile(&[a, b]).expect("compile");
         let id = id_cn("team");
         assert!(matches!(
-            map.decide(&id, "reader", "app"),
+            map.decide(&id, "reader", "app", Replication::None),
             Decision::Allow { rule: 0, .. }
         ));
         assert!(matches!(
-            map.decide(&id, "reader", "other"),
+            map.decide(&id, "reader", "other", Replication::None),
             Decision::Deny {
                 reason: DenyReason::DatabaseNotAllowed,
                 ..
             }
         ));
         assert!(matches!(
-            map.decide(&id, "writer", "other"),
+            map.decide(&id, "writer", "other", Replication::None),
             Decision::Allow {
                 rule: 1,
                 backend_auth: BackendAuth::Proxy,
                 ..
             }
         ));
-        let trace = map.explain(&id, "reader", "other");
+        let trace = map.explain(&id, "reader", "other", Replication::None);
         assert_eq!(trace.len(), 2);
         assert!(!trace[0].allows && !trace[0].database_allowed);
         assert_eq!(
@@ -491,7 +545,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            map.decide(&id, "svc", "db"),
+            map.decide(&id, "svc", "db", Replication::None),
             Decision::Allow { .. }
         ));
     }
@@ -535,7 +589,7 @@ mod tests {
             .collect();
         let map = RoleMap::compile(&rules).expect("compile");
         assert!(matches!(
-            map.decide(&id_cn("user998"), "role998", "db"),
+            map.decide(&id_cn("user998"), "role998", "db", Replication::None),
             Decision::Allow { rule: 998, .. }
         ));
         let id = Identity {
@@ -543,8 +597,75 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            map.decide(&id, "web", "db"),
+            map.decide(&id, "web", "db", Replication::None),
             Decision::Allow { rule: 999, .. }
         ));
+    }
+
+    #[test]
+    fn replication_needs_a_rule_that_names_it() {
+        let id = id_cn("repl");
+        let mut r = rule(IdentityKind::Cn, None, Some("repl"), &["repl"]);
+        r.databases = Some(vec!["bench".into()]);
+        let map = RoleMap::compile(&[r.clone()]).expect("compile");
+        let denied = |d: Decision| {
+            matches!(
+                d,
+                Decision::Deny {
+                    reason: DenyReason::ReplicationNotAllowed,
+                    ..
+                }
+            )
+        };
+        assert!(matches!(
+            map.decide(&id, "repl", "bench", Replication::None),
+            Decision::Allow { .. }
+        ));
+        // Physical walsenders are checked as database "replication".
+        assert!(matches!(
+            map.decide(&id, "repl", "replication", Replication::Physical),
+            Decision::Deny {
+                reason: DenyReason::DatabaseNotAllowed,
+                ..
+            }
+        ));
+        assert!(denied(map.decide(
+            &id,
+            "repl",
+            "bench",
+            Replication::Logical
+        )));
+        r.replication = ReplicationRule::Logical;
+        let map = RoleMap::compile(&[r.clone()]).expect("compile");
+        assert!(matches!(
+            map.decide(&id, "repl", "bench", Replication::Logical),
+            Decision::Allow { .. }
+        ));
+        r.databases = None;
+        let map = RoleMap::compile(&[r.clone()]).expect("compile");
+        assert!(denied(map.decide(
+            &id,
+            "repl",
+            "replication",
+            Replication::Physical
+        )));
+        r.replication = ReplicationRule::Physical;
+        let map = RoleMap::compile(&[r.clone()]).expect("compile");
+        assert!(matches!(
+            map.decide(&id, "repl", "replication", Replication::Physical),
+            Decision::Allow { .. }
+        ));
+        assert!(denied(map.decide(
+            &id,
+            "repl",
+            "bench",
+            Replication::Logical
+        )));
+        r.replication = ReplicationRule::Any;
+        r.databases = Some(vec!["replication".into()]);
+        assert!(RoleMap::compile(&[r.clone()]).is_ok());
+        r.replication = ReplicationRule::None;
+        let e = RoleMap::compile(&[r]).err().expect("refused");
+        assert_eq!(e.key, "replication");
     }
 }

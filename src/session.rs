@@ -26,12 +26,14 @@ use crate::app::Shared;
 use crate::audit::SessionRecord;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
+use crate::backend::BackendError;
 use crate::backend::Purpose;
 use crate::cancel::{CancelTarget, Lookup};
 use crate::config::{BackendAuth, SslMode};
 use crate::error::{Phase, SessionError};
+use crate::fdlimit::FdPermit;
 use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
-use crate::protocol::{MessageReader, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
+use crate::protocol::{MessageReader, ReadError, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
 use crate::relay::{relay, Ending, Options, Side};
 use crate::runtime::Runtime;
 use crate::startup::{relay_authentication, ExchangeError, Outcome};
@@ -55,6 +57,7 @@ pub async fn run(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: Option<OwnedSemaphorePermit>,
+    client_fd: FdPermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +103,7 @@ pub async fn run(
     .instrument(span)
     .await;
     drop(permit);
+    drop(client_fd);
 }
 
 fn report(error: &SessionError) {
@@ -218,15 +222,16 @@ async fn session(
             stream: Some(stream),
         })
     };
-    let Some((user, database)) = startup.effective_names() else {
-        return fail(SessionError::NoUser, client);
+    let (user, database, replication) = match startup.effective_names() {
+        Ok(n) => (n.user, n.database, n.replication),
+        Err(e) => return fail(e.into(), client),
     };
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("database", database.as_str());
     record.user = Some(user.clone());
     record.database = Some(database.clone());
-    let access = authorize(rt, &shared.metrics, &client, &user, &database);
+    let access = authorize(rt, &shared.metrics, &client, &user, &database, replication);
     if let Err(SessionError::RoleDenied { identity, .. }) = &access {
         record.identity = Some(identity.clone());
     }
@@ -256,18 +261,16 @@ async fn session(
         "proxy" => Purpose::ProxyLogin,
         _ => Purpose::Passthrough,
     };
-    let mut backend = match connect_backend(conn, deadline, purpose).await {
-        Ok(b) => b,
-        Err(e) => return fail(e, client),
-    };
+    let (mut backend, from_backend, _backend_fd) =
+        match reach_backend(conn, deadline, purpose, &to_backend).await {
+            Ok(b) => b,
+            Err(e) => return fail(e, client),
+        };
     if let Err(error) = negotiate_version(&mut client, &startup).await {
         return Err(Failed {
             error,
             stream: None,
         });
-    }
-    if let Err(e) = backend.write_all(&to_backend).await {
-        return fail(backend_io(rt, e), client);
     }
     // The client gets a key of ours; the backend's stays in the registry,
     // for exactly as long as this session.
@@ -286,6 +289,7 @@ async fn session(
         conn,
         &mut client,
         &mut backend,
+        from_backend,
         &user,
         proxy_auth,
         &mut issue_key,
@@ -304,6 +308,12 @@ async fn session(
         Ok(Outcome::BackendClosed) => return Ok("backend_eof"),
         Ok(Outcome::ClientClosed) => return Ok("client_eof"),
         Err(AuthError::Relay(ExchangeError::Session(e))) => return fail(e, client),
+        Err(AuthError::Relay(ExchangeError::BackendClosed)) => {
+            warn!("the backend closed the connection during authentication");
+            shared.backend_health.record(false);
+            let closed = BackendError::Closed(rt.connector.address().to_string());
+            return fail(closed.into(), client);
+        }
         Err(AuthError::Relay(e)) => {
             warn!("authentication relay failed: {e}");
             return fail(backend_io(rt, std::io::Error::other(e.to_string())), client);
@@ -347,11 +357,11 @@ async fn authenticate(
     conn: &Conn<'_>,
     client: &mut ClientStream,
     backend: &mut BackendStream,
+    mut from_backend: MessageReader,
     user: &str,
     proxy_auth: bool,
     issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
 ) -> Result<Outcome, AuthError> {
-    let mut from_backend = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
     if proxy_auth {
         proxy_login(conn, &mut from_backend, backend, user)
             .await
@@ -379,34 +389,67 @@ fn backend_io(rt: &Runtime, source: std::io::Error) -> SessionError {
     .into()
 }
 
-async fn connect_backend(
+/// Reaching the backend means: a descriptor for the link, the link itself
+/// (TCP, and TLS per sslmode) under the handshake deadline, the startup
+/// message sent, and the server's first answer within
+/// `backend.connect_timeout`. A server that accepts connections and then
+/// says nothing is as unreachable as one that refuses them: both count as
+/// backend failures for `/ready`. The descriptor permit lives as long as
+/// the link.
+async fn reach_backend(
     conn: &Conn<'_>,
     deadline: Instant,
     purpose: Purpose,
-) -> Result<BackendStream, SessionError> {
+    startup: &[u8],
+) -> Result<(BackendStream, MessageReader, FdPermit), SessionError> {
     let (shared, rt) = (conn.shared, conn.rt);
+    let address = || rt.connector.address().to_string();
+    let Some(fd) = shared.fds.try_take() else {
+        crate::app::out_of_descriptors(shared, "backend");
+        return Err(BackendError::OutOfDescriptors(address()).into());
+    };
     let started = std::time::Instant::now();
-    let result = timeout_at(deadline, rt.connector.connect(purpose)).await;
+    let attempt = async {
+        let mut backend = timeout_at(deadline, rt.connector.connect(purpose))
+            .await
+            .map_err(|_| SessionError::Timeout(Phase::BackendConnect))??;
+        backend
+            .write_all(startup)
+            .await
+            .map_err(|e| backend_io(rt, e))?;
+        let mut reader = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
+        match tokio::time::timeout(rt.connector.connect_timeout(), reader.fill(&mut backend)).await
+        {
+            Err(_) => Err(BackendError::NoAnswer(address()).into()),
+            Ok(Err(ReadError::Eof)) => Err(BackendError::Closed(address()).into()),
+            Ok(Err(ReadError::Io(e))) => Err(backend_io(rt, e)),
+            Ok(Err(ReadError::Protocol(p))) => Err(SessionError::Protocol(p)),
+            Ok(Ok(())) => Ok((backend, reader)),
+        }
+    };
+    let result = attempt.await;
     let sslmode = rt.connector.sslmode().as_str();
     let m = &shared.metrics;
     let label = match &result {
-        Err(_) => "timeout",
-        Ok(Err(e)) => e.kind(),
-        Ok(Ok(_)) => {
+        Ok(_) => {
             m.backend_connect_duration
                 .with_label_values(&[sslmode])
                 .observe(started.elapsed().as_secs_f64());
             "ok"
         }
+        Err(SessionError::Timeout(_)) => "timeout",
+        Err(SessionError::Backend(e)) => e.kind(),
+        Err(_) => "io",
     };
     m.backend_connects
         .with_label_values(&[label, sslmode])
         .inc();
-    shared.backend_health.record(label == "ok");
-    match result {
-        Err(_) => Err(SessionError::Timeout(Phase::BackendConnect)),
-        Ok(r) => r.map_err(SessionError::from),
+    if label == "fd_exhausted" {
+        crate::app::out_of_descriptors(shared, "backend");
+    } else {
+        shared.backend_health.record(label == "ok");
     }
+    result.map(|(backend, reader)| (backend, reader, fd))
 }
 
 async fn proxy_login(
@@ -469,6 +512,7 @@ async fn relay_session(
         idle_timeout: conn.rt.idle_timeout,
         to_client: backend_surplus,
         to_backend: client_surplus,
+        progress: Some(conn.shared.metrics.relay_progress.clone()),
     };
     let result = relay(&mut client, &mut backend, options).await;
     let stats = match &result {
@@ -519,15 +563,19 @@ async fn forward_cancel(conn: &Conn<'_>, packet: &[u8], path: Path) {
     let metrics = &conn.shared.metrics;
     let (lookup, target) = conn.shared.cancels.lookup(conn.peer.ip(), packet);
     let result = match (lookup, target) {
-        (Lookup::Found, Some(target)) => {
-            match target.connector.forward_cancel(&target.packet()).await {
+        (Lookup::Found, Some(target)) => match conn.shared.fds.try_take() {
+            None => {
+                crate::app::out_of_descriptors(conn.shared, "backend");
+                "failed"
+            }
+            Some(_fd) => match target.connector.forward_cancel(&target.packet()).await {
                 Ok(()) => "forwarded",
                 Err(e) => {
                     warn!(kind = e.kind(), "cancel request not delivered: {e}");
                     "failed"
                 }
-            }
-        }
+            },
+        },
         (Lookup::RateLimited, _) => "rate_limited",
         _ => "unknown",
     };

@@ -33,7 +33,7 @@ pub enum Outcome {
         client_surplus: BytesMut,
         backend_surplus: BytesMut,
     },
-    /// The backend refused (its ErrorResponse was relayed) or closed.
+    /// The backend refused: its ErrorResponse was relayed.
     BackendClosed,
     /// The client went away during authentication.
     ClientClosed,
@@ -48,6 +48,8 @@ pub enum ExchangeError {
     BackendIo(std::io::Error),
     #[error("backend protocol error during authentication: {0}")]
     BackendProtocol(ProtocolError),
+    #[error("backend closed the connection during authentication")]
+    BackendClosed,
 }
 
 /// Relays from the backend's first authentication message (or, after a
@@ -80,7 +82,8 @@ where
             frame = from_backend.next(backend) => {
                 let mut frame = match frame {
                     Ok(f) => f,
-                    Err(ReadError::Eof) => return Ok(Outcome::BackendClosed),
+                    // Without an ErrorResponse first: the client is told.
+                    Err(ReadError::Eof) => return Err(ExchangeError::BackendClosed),
                     Err(ReadError::Io(e)) => return Err(ExchangeError::BackendIo(e)),
                     Err(ReadError::Protocol(p)) => return Err(ExchangeError::BackendProtocol(p)),
                 };

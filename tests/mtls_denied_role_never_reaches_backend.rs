@@ -10,7 +10,6 @@ use common::pg::{PgCluster, PgOptions, PgRole};
 use common::pki::Pki;
 use common::proxy::{config, mtls, TestProxy};
 use pg_tls_proxy::config::ClientAuthMode;
-use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -77,22 +76,8 @@ async fn denied_role_never_reaches_backend() {
     let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
     tcp.write_all(&SSL_REQUEST).await.expect("ssl");
     assert_eq!(tcp.read_u8().await.expect("S"), b'S');
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&team.chain)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&team.key).expect("key");
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(common::client::roots(&pki.root_cert))
-    .with_client_auth_cert(chain, key)
-    .expect("client cert");
-    let mut tls = common::client::tls_upgrade(tcp, std::sync::Arc::new(config))
-        .await
-        .expect("TLS");
+    let config = common::client::mtls_client(&pki.root_cert, &team);
+    let mut tls = common::client::tls_upgrade(tcp, config).await.expect("TLS");
     tls.write_all(&startup_message(&[("user", "admin"), ("database", "app")]))
         .await
         .expect("startup");

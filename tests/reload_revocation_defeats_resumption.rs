@@ -7,12 +7,11 @@ mod common;
 
 use std::sync::Arc;
 
-use common::client::{read_until_ready, roots, startup_message, tls_upgrade, SSL_REQUEST};
+use common::client::{read_until_ready, startup_message, tls_upgrade, SSL_REQUEST};
 use common::pg::PgCluster;
 use common::pki::Pki;
 use common::proxy::{config_file, TestProxy};
 use rustls::HandshakeKind;
-use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -72,21 +71,7 @@ async fn revocation_after_reload_defeats_resumption() {
     );
     let proxy = TestProxy::start_from_file(&file).await;
 
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&alice.chain)
-        .expect("chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&alice.key).expect("key");
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots(&pki.root_cert))
-        .with_client_auth_cert(chain, key)
-        .expect("client cert"),
-    );
+    let client = common::client::mtls_client(&pki.root_cert, &alice);
 
     let (kind, who) = connect(proxy.addr, client.clone())
         .await

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::client::tokio_pg;
@@ -25,20 +24,12 @@ async fn sigterm_lets_running_query_finish() {
         pg.address()
     );
     let file = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
-        .arg("--config")
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, mut rx) = common::proxy::spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+    );
     wait_for(&mut rx, "listening").await;
 
     let conn = format!("host=localhost port={port} user=bob dbname=postgres sslmode=require");

@@ -57,6 +57,8 @@ pub enum LoginError {
     Scram(std::io::Error),
     #[error("backend closed the connection during login")]
     Closed,
+    #[error("the backend's SCRAM iteration count {0} exceeds the proxy's limit of {MAX_SCRAM_ITERATIONS} (PostgreSQL's default is 4096; lower scram_iterations and reset the role's password)")]
+    TooManyIterations(u32),
     #[error("backend i/o during login: {0}")]
     Io(std::io::Error),
     #[error("malformed authentication message from the backend")]
@@ -168,9 +170,24 @@ where
                 scram = Some(s);
             }
             11 => {
-                let s = scram.as_mut().ok_or(LoginError::Malformed)?;
-                s.update(&frame.body()[4..]).map_err(LoginError::Scram)?;
+                let mut s = scram.take().ok_or(LoginError::Malformed)?;
+                let server_first = frame.body()[4..].to_vec();
+                let iterations = scram_iterations(&server_first).ok_or(LoginError::Malformed)?;
+                if iterations > MAX_SCRAM_ITERATIONS {
+                    return Err(LoginError::TooManyIterations(iterations));
+                }
+                // PBKDF2 over the password: milliseconds to seconds of CPU,
+                // so it runs on a blocking thread, never on an async worker
+                // (where auth_timeout could not interrupt it either).
+                let (s, result) = tokio::task::spawn_blocking(move || {
+                    let result = s.update(&server_first);
+                    (s, result)
+                })
+                .await
+                .map_err(|e| LoginError::Io(std::io::Error::other(e.to_string())))?;
+                result.map_err(LoginError::Scram)?;
                 frontend::sasl_response(s.message(), &mut out).map_err(LoginError::Io)?;
+                scram = Some(s);
             }
             12 => {
                 let s = scram.as_mut().ok_or(LoginError::Malformed)?;
@@ -183,6 +200,22 @@ where
         }
         backend.write_all(&out).await.map_err(LoginError::Io)?;
     }
+}
+
+/// The most PBKDF2 iterations the proxy will compute for one login: 244
+/// times PostgreSQL's default (4096), above OWASP's 600,000 for
+/// PBKDF2-HMAC-SHA256, and about a second of CPU here. A backend (or a
+/// man in the middle of a plaintext link) asking for more is refused
+/// before any hashing.
+pub const MAX_SCRAM_ITERATIONS: u32 = 1_000_000;
+
+/// The `i=` attribute of a SCRAM server-first-message (RFC 5802:
+/// `r=nonce,s=salt,i=count`).
+fn scram_iterations(server_first: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(server_first).ok()?;
+    text.split(',')
+        .find_map(|attr| attr.strip_prefix("i="))
+        .and_then(|n| n.parse().ok())
 }
 
 fn sasl_mechanisms(frame: &Frame) -> Result<Vec<String>, LoginError> {
@@ -206,4 +239,57 @@ pub fn tls_server_end_point(cert_der: &[u8]) -> Vec<u8> {
         Err(_) => &ring::digest::SHA256,
     };
     ring::digest::digest(algorithm, cert_der).as_ref().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iteration_count_is_read_before_hashing() {
+        assert_eq!(scram_iterations(b"r=abc,s=c2FsdA==,i=4096"), Some(4096));
+        assert_eq!(scram_iterations(b"r=abc,s=c2FsdA==,i=99999999999"), None);
+        assert_eq!(scram_iterations(b"r=abc,s=c2FsdA=="), None);
+        assert_eq!(scram_iterations(&[0xff, b'i', b'=']), None);
+    }
+
+    /// A server-first-message asking for more iterations than the limit
+    /// is refused without computing anything.
+    #[tokio::test]
+    async fn huge_iteration_counts_are_refused() {
+        let (mut proxy, mut server) = tokio::io::duplex(4096);
+        let serve = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut sasl = vec![b'R'];
+            let body = [&10i32.to_be_bytes()[..], b"SCRAM-SHA-256\0\0"].concat();
+            sasl.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            sasl.extend_from_slice(&body);
+            server.write_all(&sasl).await.expect("write");
+            let mut buf = [0u8; 512];
+            let n = server.read(&mut buf).await.expect("read");
+            let first = std::str::from_utf8(&buf[..n])
+                .unwrap_or_default()
+                .to_string();
+            let nonce = first
+                .split("r=")
+                .nth(1)
+                .map(|r| r.trim_end_matches('\0').to_string())
+                .unwrap_or_default();
+            let msg = format!("r={nonce}srv,s=c2FsdA==,i=2000000000");
+            let body = [&11i32.to_be_bytes()[..], msg.as_bytes()].concat();
+            let mut cont = vec![b'R'];
+            cont.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            cont.extend_from_slice(&body);
+            server.write_all(&cont).await.expect("write");
+            server
+        };
+        let secret = Secret::new("pw".into());
+        let mut reader = MessageReader::new(crate::protocol::MAX_AUTH_PHASE_MESSAGE);
+        let login = login(&mut reader, &mut proxy, "u", Some(&secret), None, false);
+        let (result, _server) = tokio::join!(login, serve);
+        assert!(
+            matches!(result, Err(LoginError::TooManyIterations(2_000_000_000))),
+            "{result:?}"
+        );
+    }
 }

@@ -49,6 +49,14 @@ pub enum BackendError {
         address: String,
         source: std::io::Error,
     },
+    #[error("server at {0} did not answer the startup message in time")]
+    NoAnswer(String),
+    #[error("server at {0} closed the connection during authentication")]
+    Closed(String),
+    /// The proxy's own shortage, not the backend's: never counted as a
+    /// backend failure.
+    #[error("no file descriptor left for a link to {0}")]
+    OutOfDescriptors(String),
 }
 
 impl BackendError {
@@ -62,6 +70,9 @@ impl BackendError {
             BackendError::EarlyData(_) => "early_data",
             BackendError::Tls { .. } => "tls",
             BackendError::Io { .. } => "io",
+            BackendError::NoAnswer(_) => "no_answer",
+            BackendError::Closed(_) => "closed",
+            BackendError::OutOfDescriptors(_) => "fd_exhausted",
         }
     }
 
@@ -69,6 +80,13 @@ impl BackendError {
     /// address and OS error text stay in the log.
     pub fn client_error(&self) -> ClientError {
         let what = match self {
+            BackendError::OutOfDescriptors(_) => {
+                return ClientError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                )
+                .with_detail("pg-tls-proxy has no file descriptor left for another session.")
+            }
             BackendError::Resolve { .. } => "its address does not resolve".to_string(),
             BackendError::Connect { source, .. } => match source.kind() {
                 std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
@@ -83,6 +101,8 @@ impl BackendError {
             }
             BackendError::Tls { source, .. } => tls_reason(source),
             BackendError::Io { .. } => "the connection failed".to_string(),
+            BackendError::NoAnswer(_) => "the PostgreSQL server did not answer".to_string(),
+            BackendError::Closed(_) => "the server closed the connection unexpectedly".to_string(),
         };
         ClientError::fatal(
             sqlstate::CONNECTION_FAILURE,
@@ -171,6 +191,12 @@ impl Connector {
         self.sslmode
     }
 
+    /// `backend.connect_timeout`: also how long the server may take to
+    /// answer the startup message.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Opens a link, TLS-wrapped per `sslmode`. Cancel-safe: dropping it
     /// drops the half-open socket.
     pub async fn connect(&self, purpose: Purpose) -> Result<BackendStream, BackendError> {
@@ -179,7 +205,9 @@ impl Connector {
             .await
             .map_err(|_| BackendError::Timeout(address.clone()))?
             .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::InvalidInput {
+                if crate::fdlimit::is_exhaustion(&source) {
+                    BackendError::OutOfDescriptors(address.clone())
+                } else if source.kind() == std::io::ErrorKind::InvalidInput {
                     BackendError::Resolve {
                         address: address.clone(),
                         source,
@@ -233,6 +261,34 @@ impl Connector {
             Ok(0) => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => Err(BackendError::EarlyData(address.clone())),
             Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Whether the server answers, for readiness probes: with TLS, a link
+    /// (its handshake is an answer); without, an SSLRequest whose one-byte
+    /// answer (`S` or `N`) must come within `connect_timeout`. PostgreSQL
+    /// logs nothing for a connection that ends after that exchange.
+    pub async fn probe(&self) -> Result<(), BackendError> {
+        if self.tls.is_some() {
+            return self.connect(Purpose::Passthrough).await.map(|_| ());
+        }
+        let address = &self.address;
+        let mut tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| BackendError::Timeout(address.clone()))?
+            .map_err(|source| BackendError::Connect {
+                address: address.clone(),
+                source,
+            })?;
+        let io = |source| BackendError::Io {
+            address: address.clone(),
+            source,
+        };
+        tcp.write_all(&SSL_REQUEST).await.map_err(io)?;
+        match tokio::time::timeout(self.connect_timeout, tcp.read_u8()).await {
+            Err(_) => Err(BackendError::NoAnswer(address.clone())),
+            Ok(Err(e)) => Err(io(e)),
+            Ok(Ok(_)) => Ok(()),
         }
     }
 

@@ -86,8 +86,10 @@ pub fn build(
     // 0-RTT data is replayable: never accept it.
     config.max_early_data_size = 0;
     // TLS 1.2 without extended master secret is open to triple-handshake
-    // attacks; every client rustls, OpenSSL and NSS ship supports EMS.
-    config.require_ems = true;
+    // attacks (RFC 7627, RFC 9325 section 3.5); current OpenSSL, NSS,
+    // rustls, Go and Java clients send it. Older ones (OpenSSL 1.0.2,
+    // LibreSSL 2.x, Java before 8u161) need `tls.require_ems = false`.
+    config.require_ems = tls.require_ems;
     // Our suite order (AES-GCM, then ChaCha20), not the client's.
     config.ignore_client_order = true;
     Ok(Some(ServerTls {

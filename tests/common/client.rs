@@ -75,6 +75,24 @@ pub fn tls_client(root: &Path, alpn: &[&[u8]]) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
+/// A rustls client config trusting `root` that presents `cert` (its chain
+/// file: leaf + intermediate) and key.
+pub fn mtls_client(root: &Path, cert: &super::pki::CertFiles) -> Arc<ClientConfig> {
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&cert.chain)
+        .expect("chain")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots(root))
+            .with_client_auth_cert(chain, key)
+            .expect("client cert"),
+    )
+}
+
 /// tokio-postgres over rustls (verify-full against `root`).
 pub async fn tokio_pg(
     conn: &str,

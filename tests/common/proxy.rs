@@ -156,3 +156,29 @@ pub fn config_file(
     );
     super::write_file(&dir.join("proxy.toml"), &text, 0o644, false)
 }
+
+/// The real binary, spawned from `cmd` (which runs it) with stderr piped:
+/// the child and a channel that receives each log line.
+pub fn spawn_logged(
+    cmd: &mut std::process::Command,
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn proxy");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
