@@ -50,6 +50,8 @@ pub struct Shared {
     pub fds: FdBudget,
     /// Throttles the "out of file descriptors" log line.
     pub fd_warning: fdlimit::Throttle,
+    /// Most connections open at once since memtrim last looked.
+    pub connections_peak: crate::memtrim::Watermark,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,7 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         terminate: CancellationToken::new(),
         fds: FdBudget::new(fd_limit.budget()),
         fd_warning: fdlimit::Throttle::default(),
+        connections_peak: Default::default(),
     });
     Ok(Prepared {
         config,
@@ -227,6 +230,11 @@ pub async fn serve(
         stop_accepting.clone(),
         force_close.clone(),
         tracker.clone(),
+    ));
+    tokio::spawn(crate::memtrim::run(
+        shared.metrics.connections_active.clone(),
+        shared.connections_peak.clone(),
+        stop_accepting.clone(),
     ));
     if let Some(every) = config.reload.poll_interval {
         tokio::spawn(reloader.clone().poll(every, stop_accepting.clone()));

@@ -50,6 +50,9 @@ impl SessionRecord {
     ) -> SessionRecord {
         shared.metrics.connections_accepted.inc();
         shared.metrics.connections_active.inc();
+        shared
+            .connections_peak
+            .raise(shared.metrics.connections_active.get());
         SessionRecord {
             shared,
             connector,
