@@ -106,21 +106,38 @@ impl StartupPacket {
     /// The packet to send to a backend that speaks protocol 3.0: the raw
     /// bytes when nothing needs negotiating, otherwise a 3.0 startup
     /// without `_pq_.` options (what the client agreed to once we sent it
-    /// NegotiateProtocolVersion).
-    pub fn for_backend(&self) -> Result<Bytes, ProtocolError> {
-        let options = self.protocol_options();
-        if self.minor == 0 && options.is_empty() {
-            return Ok(self.raw.clone());
+    /// NegotiateProtocolVersion). Built from the bytes received, never
+    /// from pgwire's decoded map: that one is lossy for non-UTF-8 values
+    /// (`application_name=caf\xe9` would reach the backend as U+FFFD) and
+    /// drops repeated keys, which PostgreSQL reads in order.
+    pub fn for_backend(&self) -> Bytes {
+        if self.minor == 0 && !self.has_protocol_options() {
+            return self.raw.clone();
         }
-        let mut msg = Startup::new();
-        msg.parameters = self.message.parameters.clone();
-        for key in options {
-            msg.parameters.remove(&key);
+        let mut out = BytesMut::with_capacity(self.raw.len());
+        out.put_i32(0);
+        out.put_i32(Startup::PROTOCOL_VERSION_3_0);
+        let mut rest = &self.raw[8..];
+        // `parse_startup` checked the layout: pairs, then one NUL.
+        while let Some(k) = rest.iter().position(|&b| b == 0).filter(|&k| k > 0) {
+            let v = rest[k + 1..].iter().position(|&b| b == 0).unwrap_or(0);
+            let pair = &rest[..k + 1 + v + 1];
+            if !rest.starts_with(b"_pq_.") {
+                out.extend_from_slice(pair);
+            }
+            rest = &rest[pair.len()..];
         }
-        let mut buf = BytesMut::with_capacity(msg.message_length());
-        msg.encode(&mut buf)
-            .map_err(|_| ProtocolError::Malformed("startup packet"))?;
-        Ok(buf.freeze())
+        out.put_u8(0);
+        let len = out.len() as i32;
+        out[..4].copy_from_slice(&len.to_be_bytes());
+        out.freeze()
+    }
+
+    fn has_protocol_options(&self) -> bool {
+        self.message
+            .parameters
+            .keys()
+            .any(|k| k.starts_with("_pq_."))
     }
 }
 
@@ -257,6 +274,9 @@ pub async fn read_packet<R: AsyncRead + Unpin>(io: &mut R) -> Result<Packet, Rea
 
 /// Classifies a whole packet (length word included).
 pub fn parse_packet(raw: BytesMut) -> Result<Packet, ReadError> {
+    if raw.len() < 8 {
+        return Err(ProtocolError::StartupLength.into());
+    }
     let code = (&raw[4..8]).get_i32();
     let len = raw.len();
     match code {
@@ -504,7 +524,7 @@ mod tests {
         };
         assert_eq!(s.minor, 2);
         assert_eq!(s.protocol_options(), vec!["_pq_.x".to_string()]);
-        let fwd = s.for_backend().expect("encode");
+        let fwd = s.for_backend();
         assert_eq!(&fwd[4..8], &196608i32.to_be_bytes());
         assert!(!fwd.windows(5).any(|w| w == b"_pq_."));
     }
@@ -663,6 +683,47 @@ mod tests {
         assert_eq!(
             names(&[("user", "r"), ("replication", "maybe")]),
             Err(NamesError::InvalidReplication("maybe".into()))
+        );
+    }
+
+    /// A re-encoded startup (3.2 or `_pq_.` options) carries the client's
+    /// bytes: non-UTF-8 values and repeated keys as sent.
+    #[test]
+    fn forwarded_startup_keeps_the_bytes() {
+        let mut raw = startup_bytes(
+            196610,
+            &[
+                ("user", "a"),
+                ("_pq_.x", "1"),
+                ("application_name", "cafX"),
+                ("search_path", "p"),
+                ("search_path", "q"),
+            ],
+        );
+        let at = raw.windows(4).position(|w| w == b"cafX").expect("value") + 3;
+        raw[at] = 0xe9;
+        let Ok(Packet::Startup(s)) = parse_packet(BytesMut::from(&raw[..])) else {
+            panic!("startup")
+        };
+        let fwd = s.for_backend();
+        let expected = {
+            let mut e = startup_bytes(
+                196608,
+                &[
+                    ("user", "a"),
+                    ("application_name", "cafX"),
+                    ("search_path", "p"),
+                    ("search_path", "q"),
+                ],
+            );
+            let at = e.windows(4).position(|w| w == b"cafX").expect("value") + 3;
+            e[at] = 0xe9;
+            e
+        };
+        assert_eq!(&fwd[..], &expected[..]);
+        assert!(
+            parse_packet(BytesMut::from(&b"ue"[..])).is_err(),
+            "short buffers are errors"
         );
     }
 }

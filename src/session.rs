@@ -253,10 +253,7 @@ async fn session(
             }
         }
     };
-    let to_backend = match startup.for_backend() {
-        Ok(bytes) => bytes,
-        Err(e) => return fail(e.into(), client),
-    };
+    let to_backend = startup.for_backend();
     let purpose = match record.backend_auth {
         "proxy" => Purpose::ProxyLogin,
         _ => Purpose::Passthrough,
