@@ -603,6 +603,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn negative_lengths_are_reported_as_sent() {
+        let mut c = std::io::Cursor::new(vec![b'R', 0xff, 0xff, 0xff, 0xfb]);
+        let err = MessageReader::new(100)
+            .next(&mut c)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.to_string(), "invalid message length -5");
+    }
+
+    #[tokio::test]
     async fn message_reader_caps_length() {
         let mut c = std::io::Cursor::new(vec![b'p', 0x7f, 0, 0, 0]);
         let mut r = MessageReader::new(100);
