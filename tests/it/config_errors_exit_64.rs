@@ -1,0 +1,106 @@
+//! Configuration errors name the key and the file, and the binary exits 64
+//! before binding any port; PGTLS_ environment variables override the file.
+
+use std::process::Command;
+
+use crate::common::pki::{ClientCertOpts, Pki};
+use crate::common::{free_port, write_file};
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_errors_exit_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let port = free_port();
+    let good = format!(
+        "[listen]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki.server_chain.display(),
+        pki.server_key.display()
+    );
+    let path = |name: &str| dir.path().join(name);
+
+    // Valid: check prints a summary; the environment overrides the file.
+    let file = write_file(&path("good.toml"), &good, 0o644, false);
+    let f = file.to_str().expect("utf-8 path");
+    let (code, out, err) = run(
+        &["check", "--config", f],
+        &[("PGTLS_BACKEND__ADDRESS", "10.1.2.3:5433")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("10.1.2.3:5433"), "{out}");
+    assert!(out.contains("tls.cert expires in"), "{out}");
+
+    // Unknown key: named, with the file.
+    let file = write_file(
+        &path("typo.toml"),
+        &format!("{good}[backend]\nadress = \"x\"\n"),
+        0o644,
+        false,
+    );
+    let (code, _, err) = run(&["--config", file.to_str().expect("path")], &[]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("adress") && err.contains("backend") && err.contains("typo.toml"),
+        "{err}"
+    );
+
+    // A key that does not match the certificate.
+    let other = pki.issue_client("someone");
+    let bad = good.replace(
+        &pki.server_key.display().to_string(),
+        &other.key.display().to_string(),
+    );
+    let file = write_file(&path("mismatch.toml"), &bad, 0o644, false);
+    let (code, _, err) = run(&["--config", file.to_str().expect("path")], &[]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("tls.key") && err.contains("does not match"),
+        "{err}"
+    );
+    assert!(!err.contains("listening"));
+
+    // An expired certificate.
+    let expired = pki.issue_client_with(ClientCertOpts {
+        cn: "localhost".into(),
+        not_before: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(864_000)),
+        not_after: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(86_400)),
+        ..Default::default()
+    });
+    let bad = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        expired.chain.display(),
+        expired.key.display()
+    );
+    let file = write_file(&path("expired.toml"), &bad, 0o644, false);
+    let (code, _, err) = run(&["check", "--config", file.to_str().expect("path")], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("tls.cert") && err.contains("expired"), "{err}");
+
+    // A missing file is an error, not silently the defaults.
+    let (code, _, err) = run(
+        &["check", "--config", "/nonexistent/pg-tls-proxy.toml"],
+        &[],
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("/nonexistent/pg-tls-proxy.toml"), "{err}");
+
+    // A bad environment value names the variable's key.
+    let (code, _, err) = run(
+        &["check", "--config", f],
+        &[("PGTLS_LIMITS__HANDSHAKE_TIMEOUT", "soon")],
+    );
+    assert_eq!(code, 64);
+    assert!(err.to_lowercase().contains("handshake_timeout"), "{err}");
+}

@@ -1,0 +1,62 @@
+//! Graceful drain: during the grace period a running query may finish and
+//! new clients are refused; when it is over, the running query is
+//! cancelled and the client gets FATAL 57P01 at a message boundary.
+
+use std::time::Duration;
+
+use crate::common::client::{error_fields, logged_in, query_message, read_message};
+use crate::common::pg::PgCluster;
+use crate::common::pki::Pki;
+use crate::common::proxy::{config, TestProxy};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_then_terminate_with_57p01() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = PgCluster::with_trust_roles(&["bob"]);
+    let mut c = config(&pki, &pg.address());
+    c.shutdown.grace_period = Duration::from_millis(800);
+    let proxy = TestProxy::start(c).await;
+    let addr = proxy.addr;
+
+    let (mut tls, _) = logged_in(addr, &pki.root_cert, "bob").await;
+    tls.write_all(&query_message("SELECT pg_sleep(60)"))
+        .await
+        .expect("query");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let shutdown = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no new connections while draining"
+    );
+
+    // Everything the client receives until the connection closes.
+    let mut codes = Vec::new();
+    loop {
+        match read_message(&mut tls).await {
+            Ok((b'E', body)) => {
+                let f = error_fields(&body);
+                codes.push((f[&'S'].clone(), f[&'C'].clone()));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let report = shutdown.await.expect("join");
+    assert_eq!(report.sessions_at_start, 1);
+    assert_eq!(report.terminated, 1);
+    assert_eq!(report.cancelled_queries, 1);
+    assert_eq!(
+        codes.last(),
+        Some(&("FATAL".to_string(), "57P01".to_string())),
+        "the last word is admin_shutdown: {codes:?}"
+    );
+    assert!(
+        pg.log().contains("canceling statement due to user request"),
+        "the query was cancelled"
+    );
+}

@@ -1,0 +1,79 @@
+//! The real binary: SIGTERM stops accepting, lets a running query finish,
+//! and exits 0 once the session ends (within the grace period).
+
+use crate::common;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::client::tokio_pg;
+use crate::common::pg::PgCluster;
+use crate::common::pki::Pki;
+use crate::common::{free_port, write_file};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_query_finish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = PgCluster::with_trust_roles(&["bob"]);
+    let port = free_port();
+    let toml = format!(
+        "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        pki.server_chain.display(),
+        pki.server_key.display(),
+        pg.address()
+    );
+    let file = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
+    let (mut child, mut rx) = common::proxy::spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+    );
+    wait_for(&mut rx, "listening").await;
+
+    let conn = format!("host=localhost port={port} user=bob dbname=postgres sslmode=require");
+    let client = tokio_pg(&conn, &pki.root_cert).await.expect("connect");
+    let query = tokio::spawn(async move {
+        let r = client
+            .simple_query("SELECT pg_sleep(1.5)")
+            .await
+            .map(|_| ());
+        (r, client)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    wait_for(&mut rx, "draining: stopped accepting").await;
+
+    // No new connections while draining.
+    let refused = tokio_pg(&conn, &pki.root_cert).await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused while draining"
+    );
+
+    let (result, client) = query.await.expect("join");
+    result.expect("the running query finishes");
+    drop(client);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
+
+async fn wait_for(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(needle) {
+                return;
+            }
+        }
+        panic!("proxy exited before logging {needle:?}");
+    })
+    .await
+    .expect("log line in time");
+}
