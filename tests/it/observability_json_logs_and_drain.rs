@@ -4,8 +4,7 @@
 //! whole story; nothing secret is logged. On SIGTERM /ready turns 503 while
 //! sessions drain.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::common::client::{http, psql, verify_full, with_cert};
@@ -53,20 +52,12 @@ level = "debug"
         root = pki.root_cert.display(),
     );
     let file = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
-        .arg("--config")
-        .arg(&file)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, mut rx) = crate::common::proxy::spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+            .arg("--config")
+            .arg(&file)
+            .env_remove("RUST_LOG"),
+    );
     let mut lines = Vec::new();
     wait_for(&mut rx, &mut lines, "admin listening").await;
     wait_for(&mut rx, &mut lines, "\"listening\"").await;
