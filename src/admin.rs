@@ -10,7 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,26 +38,6 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// cannot hold admin connections.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Consecutive backend connect failures, for readiness.
-#[derive(Default)]
-pub struct BackendHealth {
-    consecutive_failures: AtomicU32,
-}
-
-impl BackendHealth {
-    pub fn record(&self, ok: bool) {
-        if ok {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-        } else {
-            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn consecutive_failures(&self) -> u32 {
-        self.consecutive_failures.load(Ordering::Relaxed)
-    }
-}
-
 /// What `/ready` looks at.
 pub struct Readiness {
     pub serving: AtomicBool,
@@ -75,13 +55,13 @@ impl Readiness {
     }
 
     /// Whether readiness is down only because of backend failures.
-    pub fn backend_down(&self, health: &BackendHealth) -> bool {
+    pub fn backend_down(&self, health: &crate::backend::health::BackendHealth) -> bool {
         let n = self.unready_after_backend_failures;
         n > 0 && health.consecutive_failures() >= n
     }
 
     /// `Ok` when ready, else the reason.
-    pub fn check(&self, health: &BackendHealth) -> Result<(), String> {
+    pub fn check(&self, health: &crate::backend::health::BackendHealth) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("draining".into());
         }
@@ -103,7 +83,7 @@ impl Readiness {
 pub struct AdminState {
     pub registry: Registry,
     pub readiness: Arc<Readiness>,
-    pub shared: Arc<crate::app::Shared>,
+    pub shared: Arc<crate::context::Shared>,
     pub reloader: Arc<crate::reload::Reloader>,
 }
 
@@ -154,7 +134,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn ready_response(state: &AdminState, shared: &crate::app::Shared) -> Response<Full<Bytes>> {
+fn ready_response(state: &AdminState, shared: &crate::context::Shared) -> Response<Full<Bytes>> {
     match state.readiness.check(&shared.backend_health) {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(why) => text(

@@ -9,7 +9,6 @@
 //! once, at accept, and keeps it for its lifetime.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,46 +21,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::{AdminState, BackendHealth, Readiness};
+use crate::admin::{AdminState, Readiness};
+use crate::backend::health::BackendHealth;
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
+pub use crate::context::Shared;
 use crate::fdlimit::{self, FdBudget, FdLimit};
 use crate::metrics::Metrics;
-use crate::rolemap::RuleError;
+pub use crate::reload::{LogReloader, ReloadSource};
 use crate::runtime::Runtime;
 use crate::session;
-use crate::tls::pem::FileError;
-
-/// Applies a new log filter; `Err` names what was wrong with it.
-pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// State every session reads.
-pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
-    pub metrics: Metrics,
-    pub backend_health: BackendHealth,
-    pub cancels: CancelRegistry,
-    /// Full TLS handshakes in progress (`limits.max_handshakes_in_flight`).
-    pub handshake_slots: Semaphore,
-    /// Fires when the grace period is over: sessions stop at a message
-    /// boundary and tell their client FATAL 57P01.
-    pub terminate: CancellationToken,
-    /// File descriptors client traffic may use (see [`crate::fdlimit`]).
-    pub fds: FdBudget,
-    /// Throttles the "out of file descriptors" log line.
-    pub fd_warning: fdlimit::Throttle,
-    /// Most connections open at once since memtrim last looked.
-    pub connections_peak: crate::memtrim::Watermark,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    File(#[from] FileError),
-    #[error("{0}")]
-    Rules(#[from] RuleError),
+    Build(#[from] crate::runtime::BuildError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen on {address} ({key}): {source}")]
@@ -125,14 +101,6 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         fd_limit,
         max_sessions,
     })
-}
-
-/// Where reloads read from, and how the log filter is changed.
-#[derive(Default)]
-pub struct ReloadSource {
-    /// The config file; `None` reloads from defaults and environment only.
-    pub path: Option<PathBuf>,
-    pub log: Option<LogReloader>,
 }
 
 /// A running proxy.
@@ -343,7 +311,7 @@ async fn accept_loop(
         // the reserve belongs to the admin listener and reloads.
         let Some(fd) = shared.fds.try_take() else {
             drop(tcp);
-            out_of_descriptors(&shared, "accept");
+            crate::context::out_of_descriptors(&shared, "accept");
             continue;
         };
         // Over the limit the client still negotiates, so it can be told
@@ -357,24 +325,6 @@ async fn accept_loop(
                 _ = force.cancelled() => {}
             }
         });
-    }
-}
-
-/// Counts and (at most every few seconds) logs a connection the proxy
-/// could not afford a descriptor for.
-pub fn out_of_descriptors(shared: &Shared, stage: &'static str) {
-    shared
-        .metrics
-        .fd_exhausted
-        .with_label_values(&[stage])
-        .inc();
-    if let Some(suppressed) = shared.fd_warning.due() {
-        warn!(
-            stage,
-            suppressed,
-            available = shared.fds.available(),
-            "out of file descriptors: refusing connections (see limits.max_connections and RLIMIT_NOFILE)"
-        );
     }
 }
 

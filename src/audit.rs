@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use tracing::info;
 
-use crate::app::Shared;
 use crate::backend::Connector;
+use crate::context::Shared;
 use crate::negotiate::TlsInfo;
 
 pub struct SessionRecord {

@@ -7,12 +7,12 @@
 use tracing::{info, warn};
 
 use crate::config::{BackendAuth, ClientAuthMode};
-use crate::error::SessionError;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::protocol::Replication;
 use crate::rolemap::Decision;
 use crate::runtime::Runtime;
+use crate::session_error::SessionError;
 use crate::stream::ClientStream;
 
 /// How the session may proceed.

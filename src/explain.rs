@@ -176,7 +176,7 @@ pub fn explain(
                     reason, identity, ..
                 } => {
                     // Exactly what the client would be told.
-                    let told = crate::error::SessionError::RoleDenied {
+                    let told = crate::session_error::SessionError::RoleDenied {
                         identity,
                         user: u.to_string(),
                         database: database.unwrap_or(u).to_string(),

@@ -19,7 +19,9 @@
 //! - [`runtime`]: the reloadable state, built and validated in one go.
 //! - [`reload`]: SIGHUP / POST /reload / file polling → atomic swap.
 //! - [`relay`]: the byte copy after authentication.
-//! - [`error`]: error kinds and what a client may see (SQLSTATE + text).
+//! - [`context`]: what every connection shares (runtime, metrics, limits).
+//! - [`session_error`]: why a connection failed, and what its client is told.
+//! - [`error`]: the allow-list of what a client may see (SQLSTATE + text).
 //! - [`audit`]: the per-connection record, metrics settlement and audit event.
 //! - [`admin`]: the admin HTTP listener (/metrics, /live, /ready).
 //! - [`metrics`]: Prometheus metrics on a registry passed down.
@@ -39,6 +41,7 @@ pub mod authorize;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod context;
 pub mod devcerts;
 pub mod error;
 pub mod explain;
@@ -53,6 +56,7 @@ pub mod reload;
 pub mod rolemap;
 pub mod runtime;
 pub mod session;
+pub mod session_error;
 pub mod startup;
 pub mod stream;
 pub mod tls;

@@ -151,7 +151,11 @@ impl Metrics {
             "Unix time the proxy started.",
         ))?;
         registry.register(Box::new(start_time.clone()))?;
-        start_time.set(crate::tls::pem::unix_now() as f64);
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let in_flight = IntGauge::with_opts(Opts::new(
             "pgtls_tls_handshakes_in_flight",
             "Client TLS handshakes holding an admission permit now (limits.max_handshakes_in_flight).",

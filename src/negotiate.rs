@@ -31,9 +31,9 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::error::{Phase, SessionError};
 use crate::metrics::Metrics;
 use crate::protocol::{read_packet, Packet, ProtocolError, ReadError, StartupPacket};
+use crate::session_error::{Phase, SessionError};
 use crate::stream::{ClientStream, MaybeTls};
 use crate::tls::ALPN_POSTGRESQL;
 

@@ -18,9 +18,20 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::app::{ReloadSource, Shared};
 use crate::config::Config;
+use crate::context::Shared;
 use crate::runtime::Runtime;
+
+/// Applies a new log filter; `Err` names what was wrong with it.
+pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Where reloads read from, and how the log filter is changed.
+#[derive(Default)]
+pub struct ReloadSource {
+    /// The config file; `None` reloads from defaults and environment only.
+    pub path: Option<PathBuf>,
+    pub log: Option<LogReloader>,
+}
 
 type Fingerprint = Vec<Option<(std::time::SystemTime, u64, u64)>>;
 

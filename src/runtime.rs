@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 
-use crate::app::StartError;
 use crate::backend::login::Secret;
 use crate::backend::Connector;
 use crate::config::{ClientAuthMode, Config, ConfigError};
@@ -22,6 +21,17 @@ use crate::rolemap::RoleMap;
 use crate::tls;
 use crate::tls::client_auth::CrlSummary;
 use crate::tls::pem::{CertSummary, FileError};
+
+/// Why a runtime could not be built: a key, a file, or a rule.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{0}")]
+    Rules(#[from] crate::rolemap::RuleError),
+}
 
 pub struct Runtime {
     pub tls: Option<Arc<ServerConfig>>,
@@ -43,7 +53,7 @@ pub struct Runtime {
 
 impl Runtime {
     /// Reads every file the config names and checks it. Binds nothing.
-    pub fn build(config: &Config) -> Result<Runtime, StartError> {
+    pub fn build(config: &Config) -> Result<Runtime, BuildError> {
         let server = tls::server::build(&config.tls, &config.client_auth)?;
         let connector = Arc::new(Connector::new(&config.backend)?);
         let rolemap = RoleMap::compile(&config.rules)?;
@@ -79,7 +89,7 @@ fn certificate_expiries(
     server_chain: &[CertSummary],
     client_cas: &[CertSummary],
     client_crls: &[CrlSummary],
-) -> Result<Vec<(&'static str, String, i64)>, StartError> {
+) -> Result<Vec<(&'static str, String, i64)>, BuildError> {
     let mut out = Vec::new();
     out.extend(
         server_chain
@@ -107,7 +117,7 @@ fn certificate_expiries(
 }
 
 /// Reads `[backend.credentials]` secrets from their files or variables.
-fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartError> {
+fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildError> {
     let mut out = HashMap::new();
     for (role, c) in &config.backend.credentials {
         let value = match (&c.password_file, &c.password_env) {
@@ -121,7 +131,7 @@ fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, StartErr
                     )
                 })?,
             (None, Some(var)) => std::env::var(var).map_err(|_| {
-                StartError::Config(ConfigError::Invalid {
+                BuildError::Config(ConfigError::Invalid {
                     key: "backend.credentials",
                     reason: format!("{role}: environment variable {var} is not set"),
                     origin: None,

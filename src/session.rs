@@ -22,7 +22,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::app::Shared;
 use crate::audit::SessionRecord;
 use crate::authorize::{authorize, Access};
 use crate::backend::login::{self, LoginError};
@@ -30,12 +29,13 @@ use crate::backend::BackendError;
 use crate::backend::Purpose;
 use crate::cancel::{CancelTarget, Lookup};
 use crate::config::{BackendAuth, SslMode};
-use crate::error::{Phase, SessionError};
+use crate::context::Shared;
 use crate::fdlimit::FdPermit;
 use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
 use crate::protocol::{MessageReader, ReadError, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
 use crate::relay::{relay, Ending, Options, Side};
 use crate::runtime::Runtime;
+use crate::session_error::{Phase, SessionError};
 use crate::startup::{relay_authentication, ExchangeError, Outcome};
 use crate::stream::{BackendStream, ClientStream};
 
@@ -111,7 +111,7 @@ fn report(error: &SessionError) {
         SessionError::ClientEof(_) => debug!(kind = error.kind(), "{error}"),
         SessionError::Tls(_)
         | SessionError::DirectTlsWithoutAlpn
-        | SessionError::Timeout(crate::error::Phase::TlsHandshake) => {
+        | SessionError::Timeout(crate::session_error::Phase::TlsHandshake) => {
             warn!(
                 kind = error.kind(),
                 reason = crate::negotiate::failure_reason(error),
@@ -402,7 +402,7 @@ async fn reach_backend(
     let (shared, rt) = (conn.shared, conn.rt);
     let address = || rt.connector.address().to_string();
     let Some(fd) = shared.fds.try_take() else {
-        crate::app::out_of_descriptors(shared, "backend");
+        crate::context::out_of_descriptors(shared, "backend");
         return Err(BackendError::OutOfDescriptors(address()).into());
     };
     let started = std::time::Instant::now();
@@ -442,7 +442,7 @@ async fn reach_backend(
         .with_label_values(&[label, sslmode])
         .inc();
     if label == "fd_exhausted" {
-        crate::app::out_of_descriptors(shared, "backend");
+        crate::context::out_of_descriptors(shared, "backend");
     } else {
         shared.backend_health.record(label == "ok");
     }
@@ -562,7 +562,7 @@ async fn forward_cancel(conn: &Conn<'_>, packet: &[u8], path: Path) {
     let result = match (lookup, target) {
         (Lookup::Found, Some(target)) => match conn.shared.fds.try_take() {
             None => {
-                crate::app::out_of_descriptors(conn.shared, "backend");
+                crate::context::out_of_descriptors(conn.shared, "backend");
                 "failed"
             }
             Some(_fd) => match target.connector.forward_cancel(&target.packet()).await {

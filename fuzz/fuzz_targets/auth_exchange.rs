@@ -27,7 +27,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::error::SessionError;
+use pg_tls_proxy::session_error::SessionError;
 use pg_tls_proxy::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 use pg_tls_proxy::startup::{relay_authentication, ExchangeError, Outcome};
 

@@ -5,6 +5,7 @@
 //! any byte after the server's `S` and before its TLS handshake aborts the
 //! link ("received unencrypted data after SSL response").
 
+pub mod health;
 pub mod login;
 pub mod tls;
 
@@ -15,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{self, SslMode};
-use crate::error::{sqlstate, ClientError};
+use crate::error::{sqlstate, ClientError, UserFacing};
 use crate::stream::{BackendStream, MaybeTls};
 use crate::tls::pem::FileError;
 
@@ -75,10 +76,12 @@ impl BackendError {
             BackendError::OutOfDescriptors(_) => "fd_exhausted",
         }
     }
+}
 
+impl UserFacing for BackendError {
     /// 08006 with a safe description of which step failed and why; the
     /// address and OS error text stay in the log.
-    pub fn client_error(&self) -> ClientError {
+    fn client_error(&self) -> ClientError {
         let what = match self {
             BackendError::OutOfDescriptors(_) => {
                 return ClientError::fatal(

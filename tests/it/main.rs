@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod architecture;
 mod backend_down_08006;
 mod backend_mtls;
 mod backend_verify_full;
