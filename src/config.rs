@@ -173,6 +173,16 @@ pub enum BackendAuth {
     Proxy,
 }
 
+impl BackendAuth {
+    /// The key's value, also the audit event's `backend_auth`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendAuth::Passthrough => "passthrough",
+            BackendAuth::Proxy => "proxy",
+        }
+    }
+}
+
 /// A secret for proxy-authenticated backend logins: read from a file or
 /// an environment variable at start-up, never written inline in config.
 #[derive(Debug, Clone, Serialize, Deserialize)]

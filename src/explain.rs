@@ -162,10 +162,7 @@ pub fn explain(
                 Decision::Allow {
                     rule, backend_auth, ..
                 } => {
-                    let auth = match backend_auth {
-                        crate::config::BackendAuth::Passthrough => "passthrough",
-                        crate::config::BackendAuth::Proxy => "proxy",
-                    };
+                    let auth = backend_auth.as_str();
                     let _ = writeln!(
                         w,
                         "decision: ALLOW by rule {rule} (backend_auth = \"{auth}\")"

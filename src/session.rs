@@ -239,24 +239,22 @@ async fn session(
         Ok(a) => a,
         Err(e) => return fail(e, client),
     };
-    record.backend_auth = match &access {
-        Access::Password => "passthrough",
+    let backend_auth = match &access {
+        Access::Password => BackendAuth::Passthrough,
         Access::Certificate {
             identity,
             backend_auth,
         } => {
             span.record("client_identity", identity.as_str());
             record.identity = Some(identity.clone());
-            match backend_auth {
-                BackendAuth::Passthrough => "passthrough",
-                BackendAuth::Proxy => "proxy",
-            }
+            *backend_auth
         }
     };
+    record.backend_auth = backend_auth.as_str();
     let to_backend = startup.for_backend();
-    let purpose = match record.backend_auth {
-        "proxy" => Purpose::ProxyLogin,
-        _ => Purpose::Passthrough,
+    let purpose = match backend_auth {
+        BackendAuth::Proxy => Purpose::ProxyLogin,
+        BackendAuth::Passthrough => Purpose::Passthrough,
     };
     let (mut backend, from_backend, _backend_fd) =
         match reach_backend(conn, deadline, purpose, &to_backend).await {
@@ -281,7 +279,7 @@ async fn session(
         registration = Some(guard);
         key
     };
-    let proxy_auth = record.backend_auth == "proxy";
+    let proxy_auth = backend_auth == BackendAuth::Proxy;
     let login = authenticate(
         conn,
         &mut client,
