@@ -27,6 +27,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
 pub use crate::context::Shared;
 use crate::fdlimit::{self, FdBudget, FdLimit};
+use crate::listener::{bind, effective_backlog};
 use crate::metrics::Metrics;
 pub use crate::reload::{LogReloader, ReloadSource};
 use crate::runtime::Runtime;
@@ -40,12 +41,8 @@ pub enum StartError {
     Build(#[from] crate::runtime::BuildError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot listen on {address} ({key}): {source}")]
-    Bind {
-        key: &'static str,
-        address: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
 }
 
 impl StartError {
@@ -53,7 +50,7 @@ impl StartError {
     /// when an address cannot be bound.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Bind { .. } => 69,
+            StartError::Bind(_) => 69,
             _ => 64,
         }
     }
@@ -225,54 +222,6 @@ pub async fn serve(
         admin_stop,
         reloader,
     })
-}
-
-/// Binds `address` (every address it resolves to, first success wins) with
-/// an explicit listen backlog: tokio's `TcpListener::bind` always asks for
-/// 128, which a burst of connects overflows.
-async fn bind(
-    key: &'static str,
-    address: &str,
-    backlog: u32,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let err = |source| StartError::Bind {
-        key,
-        address: address.to_string(),
-        source,
-    };
-    let mut last = None;
-    for addr in tokio::net::lookup_host(address).await.map_err(err)? {
-        match listen_on(addr, backlog) {
-            Ok(listener) => {
-                let local = listener.local_addr().map_err(err)?;
-                return Ok((listener, local));
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "resolves to no address")
-    })))
-}
-
-fn listen_on(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // As tokio's own bind: a restarted proxy must not wait out TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
-}
-
-/// The backlog the kernel will actually use: Linux silently caps it at
-/// `net.core.somaxconn`.
-pub fn effective_backlog(backlog: u32) -> u32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .map_or(backlog, |cap| backlog.min(cap))
 }
 
 async fn accept_loop(

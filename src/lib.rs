@@ -27,6 +27,8 @@
 //! - [`metrics`]: Prometheus metrics on a registry passed down.
 //! - [`memtrim`]: hands glibc's freed heap back after many sessions closed.
 //! - [`explain`]: the offline "why was I refused?" report.
+//! - [`listener`]: binding listeners with an explicit backlog.
+//! - [`replication`]: the `replication` startup parameter, as PostgreSQL reads it.
 //! - [`fdlimit`]: RLIMIT_NOFILE, the descriptor budget and its reserve.
 //! - [`devcerts`]: throwaway development certificates.
 // One exception, with its SAFETY comment: `memtrim` calls glibc's
@@ -47,12 +49,14 @@ pub mod error;
 pub mod explain;
 pub mod fdlimit;
 pub mod identity;
+pub mod listener;
 pub mod memtrim;
 pub mod metrics;
 pub mod negotiate;
 pub mod protocol;
 pub mod relay;
 pub mod reload;
+pub mod replication;
 pub mod rolemap;
 pub mod runtime;
 pub mod session;

@@ -172,7 +172,7 @@ fn check(config: Option<PathBuf>) -> ExitCode {
     out!(
         "listen.backlog      {} (effective {}: the kernel caps it at net.core.somaxconn)",
         c.listen.backlog,
-        app::effective_backlog(c.listen.backlog)
+        pg_tls_proxy::listener::effective_backlog(c.listen.backlog)
     );
     let fds = &prepared.fd_limit;
     out!(

@@ -11,9 +11,17 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // Foundations: no crate imports at all.
     &[
-        "error", "metrics", "fdlimit", "memtrim", "identity", "protocol", "stream", "devcerts",
+        "error",
+        "metrics",
+        "fdlimit",
+        "memtrim",
+        "identity",
+        "stream",
+        "devcerts",
+        "listener",
+        "replication",
     ],
-    &["config", "relay"],
+    &["config", "relay", "protocol"],
     &["tls", "rolemap"],
     &["backend"],
     &["cancel", "runtime", "session_error"],
