@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pg_tls_proxy::config::{BackendAuth, ClientAuth, RuleConfig, Tls, TlsVersion};
-use pg_tls_proxy::identity::{Identity, IdentityKind};
-use pg_tls_proxy::protocol::parse_packet;
-use pg_tls_proxy::relay::{relay, Framer, Options};
-use pg_tls_proxy::rolemap::RoleMap;
+use pg_tls_proxy::config::{BackendAuth, CertKey, ClientAuth, RuleConfig, Tls, TlsVersion};
+use pg_tls_proxy::conn::relay::{relay, Framer, Options};
+use pg_tls_proxy::policy::identity::{Identity, IdentityKind};
+use pg_tls_proxy::policy::rolemap::RoleMap;
+use pg_tls_proxy::wire::parse_packet;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -115,17 +115,10 @@ fn bench_rules(c: &mut Criterion) {
     for n in [10, 1000] {
         let map = RoleMap::compile(&rules(n)).expect("rules");
         g.bench_function(format!("{n}_rules_allow"), |b| {
-            b.iter(|| map.decide(&id, "web", "app", pg_tls_proxy::protocol::Replication::None))
+            b.iter(|| map.decide(&id, "web", "app", pg_tls_proxy::wire::Replication::None))
         });
         g.bench_function(format!("{n}_rules_deny"), |b| {
-            b.iter(|| {
-                map.decide(
-                    &id,
-                    "admin",
-                    "app",
-                    pg_tls_proxy::protocol::Replication::None,
-                )
-            })
+            b.iter(|| map.decide(&id, "admin", "app", pg_tls_proxy::wire::Replication::None))
         });
     }
     g.bench_function("compile_1000_rules", |b| {
@@ -172,10 +165,12 @@ fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
 
 fn bench_tls(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    pg_tls_proxy::devcerts::write(dir.path(), &["localhost".into()], &[]).expect("dev certs");
+    pg_tls_proxy::cli::devcerts::write(dir.path(), &["localhost".into()], &[]).expect("dev certs");
     let tls = Tls {
-        cert: Some(dir.path().join("server.crt")),
-        key: Some(dir.path().join("server.key")),
+        server: Some(CertKey {
+            cert: dir.path().join("server.crt"),
+            key: dir.path().join("server.key"),
+        }),
         min_version: TlsVersion::V1_2,
         ..Tls::default()
     };

@@ -2,7 +2,7 @@
 //! ([`ClientError`]), and the SQLSTATEs the proxy sends. This module is the
 //! bottom of the crate: it imports nothing of ours. Each error type says
 //! how it looks to a client where it is defined, through [`UserFacing`];
-//! [`crate::session_error::SessionError`] gathers them for one connection.
+//! [`crate::conn::error::SessionError`] gathers them for one connection.
 //! I/O and library error text (which can carry paths or addresses) never
 //! goes into a [`ClientError`]: it stays in the log.
 

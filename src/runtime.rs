@@ -16,8 +16,8 @@ use rustls::ServerConfig;
 
 use crate::backend::login::Secret;
 use crate::backend::Connector;
-use crate::config::{ClientAuthMode, Config, ConfigError};
-use crate::rolemap::RoleMap;
+use crate::config::{CertKey, ClientAuthMode, Config, ConfigError, SecretSource};
+use crate::policy::rolemap::RoleMap;
 use crate::tls;
 use crate::tls::client_auth::CrlSummary;
 use crate::tls::pem::{CertSummary, FileError};
@@ -30,7 +30,7 @@ pub enum BuildError {
     #[error(transparent)]
     File(#[from] FileError),
     #[error("{0}")]
-    Rules(#[from] crate::rolemap::RuleError),
+    Rules(#[from] crate::policy::rolemap::RuleError),
 }
 
 pub struct Runtime {
@@ -106,7 +106,7 @@ fn certificate_expiries(
             .iter()
             .filter_map(|c| Some(("crl", c.issuer.clone(), c.next_update?))),
     );
-    if let Some(path) = &config.backend.sslcert {
+    if let Some(CertKey { cert: path, .. }) = &config.backend.client_cert {
         for cert in tls::pem::certs("backend.sslcert", path)? {
             let c = CertSummary::parse(&cert)
                 .map_err(|r| FileError::new("backend.sslcert", path, r))?;
@@ -120,8 +120,8 @@ fn certificate_expiries(
 fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildError> {
     let mut out = HashMap::new();
     for (role, c) in &config.backend.credentials {
-        let value = match (&c.password_file, &c.password_env) {
-            (Some(path), _) => std::fs::read_to_string(path)
+        let value = match c {
+            SecretSource::File(path) => std::fs::read_to_string(path)
                 .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
                 .map_err(|e| {
                     FileError::new(
@@ -130,14 +130,13 @@ fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildErr
                         format!("{role}: cannot read: {e}"),
                     )
                 })?,
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
+            SecretSource::Env(var) => std::env::var(var).map_err(|_| {
                 BuildError::Config(ConfigError::Invalid {
                     key: "backend.credentials",
                     reason: format!("{role}: environment variable {var} is not set"),
                     origin: None,
                 })
             })?,
-            (None, None) => continue,
         };
         out.insert(role.clone(), Secret::new(value));
     }

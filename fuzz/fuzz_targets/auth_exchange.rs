@@ -27,9 +27,9 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::session_error::SessionError;
-use pg_tls_proxy::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
-use pg_tls_proxy::startup::{relay_authentication, ExchangeError, Outcome};
+use pg_tls_proxy::conn::error::SessionError;
+use pg_tls_proxy::wire::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
+use pg_tls_proxy::conn::auth_relay::{relay_authentication, ExchangeError, Outcome};
 
 use std::cell::Cell;
 use std::future::Future;

@@ -16,7 +16,7 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use pg_tls_proxy::backend::login::{login, LoginError, Method, Secret, MAX_SCRAM_ITERATIONS};
-use pg_tls_proxy::protocol::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
+use pg_tls_proxy::wire::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 
 use common::{runtime, split_messages, Header};
 

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pg_tls_proxy::backend::login::tls_server_end_point;
-use pg_tls_proxy::identity::{Identity, IdentityKind};
+use pg_tls_proxy::policy::identity::{Identity, IdentityKind};
 
 fuzz_target!(|der: &[u8]| {
     let hash = tls_server_end_point(der);

@@ -15,7 +15,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::protocol::{
+use pg_tls_proxy::wire::{
     Frame, MessageReader, ProtocolError, ReadError, MAX_AUTH_PHASE_MESSAGE,
 };
 

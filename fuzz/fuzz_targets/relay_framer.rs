@@ -10,7 +10,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::relay::Framer;
+use pg_tls_proxy::conn::relay::Framer;
 
 use common::{Header, Rng};
 

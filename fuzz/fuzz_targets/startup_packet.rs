@@ -14,7 +14,7 @@ mod common;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::protocol::{
+use pg_tls_proxy::wire::{
     parse_bool, parse_packet, read_packet, truncate_name, NamesError, Packet, ProtocolError,
     ReadError, Replication, StartupPacket, MAX_STARTUP_PACKET_LENGTH, NAMEDATALEN,
 };

@@ -20,7 +20,7 @@ use postgres_protocol::authentication::sasl::{
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{Frame, MessageReader, ReadError};
+use crate::wire::{Frame, MessageReader, ReadError};
 
 /// A backend password, loaded at start-up. Never printed.
 #[derive(Clone)]
@@ -284,7 +284,7 @@ mod tests {
             server
         };
         let secret = Secret::new("pw".into());
-        let mut reader = MessageReader::new(crate::protocol::MAX_AUTH_PHASE_MESSAGE);
+        let mut reader = MessageReader::new(crate::wire::MAX_AUTH_PHASE_MESSAGE);
         let login = login(&mut reader, &mut proxy, "u", Some(&secret), None, false);
         let (result, _server) = tokio::join!(login, serve);
         assert!(

@@ -5,6 +5,7 @@
 //! any byte after the server's `S` and before its TLS handshake aborts the
 //! link ("received unencrypted data after SSL response").
 
+pub mod cancel;
 pub mod health;
 pub mod login;
 pub mod tls;
@@ -17,8 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::config::{self, SslMode};
 use crate::error::{sqlstate, ClientError, UserFacing};
-use crate::stream::{BackendStream, MaybeTls};
 use crate::tls::pem::FileError;
+use crate::wire::stream::{BackendStream, MaybeTls};
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
@@ -208,7 +209,7 @@ impl Connector {
             .await
             .map_err(|_| BackendError::Timeout(address.clone()))?
             .map_err(|source| {
-                if crate::fdlimit::is_exhaustion(&source) {
+                if crate::sys::fdlimit::is_exhaustion(&source) {
                     BackendError::OutOfDescriptors(address.clone())
                 } else if source.kind() == std::io::ErrorKind::InvalidInput {
                     BackendError::Resolve {

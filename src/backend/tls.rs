@@ -15,7 +15,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::{self, SslMode};
+use crate::config::{self, CertKey, SslMode};
 use crate::tls::pem::{self, FileError};
 use crate::tls::{provider, ALPN_POSTGRESQL};
 
@@ -59,8 +59,8 @@ pub fn client_configs(b: &config::Backend) -> Result<ClientConfigs, FileError> {
     let builder = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let with_cert = match (&b.sslcert, &b.sslkey) {
-        (Some(cert), Some(key)) => {
+    let with_cert = match &b.client_cert {
+        Some(CertKey { cert, key }) => {
             let chain = pem::certs("backend.sslcert", cert)?;
             let key_der = pem::private_key("backend.sslkey", key)?;
             let mut config = builder
@@ -70,7 +70,7 @@ pub fn client_configs(b: &config::Backend) -> Result<ClientConfigs, FileError> {
             config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
             Some(Arc::new(config))
         }
-        _ => None,
+        None => None,
     };
     let mut anonymous = builder.with_no_client_auth();
     anonymous.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];

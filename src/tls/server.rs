@@ -31,7 +31,11 @@ pub fn build(
     tls: &config::Tls,
     client: &config::ClientAuth,
 ) -> Result<Option<ServerTls>, FileError> {
-    let (Some(cert_path), Some(key_path)) = (&tls.cert, &tls.key) else {
+    let Some(config::CertKey {
+        cert: cert_path,
+        key: key_path,
+    }) = &tls.server
+    else {
         return Ok(None);
     };
     let chain = pem::certs("tls.cert", cert_path)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pg_tls_proxy::app::{self, DrainReport, Handle};
-use pg_tls_proxy::config::{Config, SslMode};
+use pg_tls_proxy::config::{CertKey, Config, SslMode};
 use prometheus::Registry;
 
 use super::pki::Pki;
@@ -16,8 +16,10 @@ pub fn config(pki: &Pki, backend: &str) -> Config {
     let mut c = Config::default();
     c.listen.address = "127.0.0.1:0".into();
     c.admin.address = "127.0.0.1:0".into();
-    c.tls.cert = Some(pki.server_chain.clone());
-    c.tls.key = Some(pki.server_key.clone());
+    c.tls.server = Some(CertKey {
+        cert: pki.server_chain.clone(),
+        key: pki.server_key.clone(),
+    });
     c.backend.address = backend.into();
     c.backend.connect_timeout = Duration::from_secs(5);
     c.shutdown.grace_period = Duration::from_secs(5);

@@ -10,34 +10,26 @@ use std::path::Path;
 /// Lower layers first. Within a layer, modules do not use each other.
 const LAYERS: &[&[&str]] = &[
     // Foundations: no crate imports at all.
-    &[
-        "error",
-        "metrics",
-        "fdlimit",
-        "memtrim",
-        "identity",
-        "stream",
-        "devcerts",
-        "listener",
-        "replication",
-    ],
-    &["config", "relay", "protocol"],
-    &["tls", "rolemap"],
+    &["error", "metrics", "sys"],
+    // The vocabulary: configuration keys and the PostgreSQL wire.
+    &["config", "wire"],
+    // Pure decisions, and TLS.
+    &["policy", "tls"],
     &["backend"],
-    &["cancel", "runtime", "session_error"],
-    // The connection's phases, and what they share.
-    &["context", "negotiate", "startup", "authorize", "explain"],
-    &["audit", "reload"],
-    &["session", "admin"],
-    // Composition root.
+    // The reloadable state built from config.
+    &["runtime"],
+    // One connection's pipeline.
+    &["conn"],
+    // The running proxy.
     &["app"],
+    &["cli"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
 
-/// `src/backend/login.rs` -> `backend`; `src/app.rs` -> `app`.
+/// `src/backend/login.rs` -> `backend`; `src/runtime.rs` -> `runtime`.
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).expect("under src");
     let first = rel.components().next().expect("a component");

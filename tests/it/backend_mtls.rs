@@ -9,7 +9,7 @@ use crate::common::client::{psql, verify_full};
 use crate::common::pg::{PgCluster, PgOptions, PgRole, PgSsl};
 use crate::common::pki::Pki;
 use crate::common::proxy::{backend_tls, config, TestProxy};
-use pg_tls_proxy::config::{SslCertScope, SslMode};
+use pg_tls_proxy::config::{CertKey, SslCertScope, SslMode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_mtls_with_proxy_certificate() {
@@ -38,8 +38,10 @@ async fn backend_mtls_with_proxy_certificate() {
     // certificate, and the backend's clientcert check refuses links without one.
     let mut c = config(&pki, &pg.address());
     backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
-    c.backend.sslcert = Some(proxy_cert.chain.clone());
-    c.backend.sslkey = Some(proxy_cert.key.clone());
+    c.backend.client_cert = Some(CertKey {
+        cert: proxy_cert.chain.clone(),
+        key: proxy_cert.key.clone(),
+    });
     let proxy = TestProxy::start(c.clone()).await;
     let svc = format!(
         "{} channel_binding=disable",

@@ -19,7 +19,7 @@ use crate::common::client::{
 use crate::common::pg::{PgCluster, PgOptions, PgRole};
 use crate::common::pki::Pki;
 use crate::common::proxy::{config, mtls, TestProxy};
-use pg_tls_proxy::config::{ClientAuthMode, Credential};
+use pg_tls_proxy::config::{ClientAuthMode, SecretSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -137,13 +137,9 @@ async fn proxy_login_refuses_huge_scram_iteration_counts() {
         ClientAuthMode::Required,
         "[[rules]]\nidentity = \"cn\"\nexact = \"svc\"\nroles = [\"svc\"]\nbackend_auth = \"proxy\"\n",
     );
-    c.backend.credentials.insert(
-        "svc".into(),
-        Credential {
-            password_file: Some(secret),
-            password_env: None,
-        },
-    );
+    c.backend
+        .credentials
+        .insert("svc".into(), SecretSource::File(secret));
     let proxy = TestProxy::start(c).await;
     let conn = with_cert(
         &verify_full(proxy.port(), "svc", &pki.root_cert),

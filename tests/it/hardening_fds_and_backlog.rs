@@ -63,7 +63,7 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         text.contains("limits.max_connections = 10000 needs 20128 file descriptors"),
         "{text}"
     );
-    let sessions = (NOFILE as usize - pg_tls_proxy::fdlimit::RESERVED as usize) * 9 / 20;
+    let sessions = (NOFILE as usize - pg_tls_proxy::sys::fdlimit::RESERVED as usize) * 9 / 20;
     assert!(
         text.contains(&format!("admitting at most {sessions} sessions")),
         "{text}"

@@ -11,7 +11,7 @@ use crate::common::pki::Pki;
 use crate::common::proxy::{backend_tls, config, mtls, TestProxy};
 use crate::common::tls_cluster;
 use crate::common::write_file;
-use pg_tls_proxy::config::{ClientAuthMode, Credential, SslMode};
+use pg_tls_proxy::config::{CertKey, ClientAuthMode, SecretSource, SslMode};
 
 const RULES: &str = r#"
 [[rules]]
@@ -42,8 +42,10 @@ async fn proxy_login_with_backend_mtls_and_pg_ident() {
     let proxy_cert = pki.issue_client("pg-tls-proxy");
     let mut c = config(&pki, &pg.address());
     backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
-    c.backend.sslcert = Some(proxy_cert.chain.clone());
-    c.backend.sslkey = Some(proxy_cert.key.clone());
+    c.backend.client_cert = Some(CertKey {
+        cert: proxy_cert.chain.clone(),
+        key: proxy_cert.key.clone(),
+    });
     mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
     let proxy = TestProxy::start(c).await;
     let conn = with_cert(
@@ -95,13 +97,9 @@ async fn proxy_login_with_scram_credentials() {
             backend_tls(&mut c, SslMode::VerifyFull, Some(pki.root_cert.clone()));
         }
         mtls(&mut c, &pki, ClientAuthMode::Required, RULES);
-        c.backend.credentials.insert(
-            "svc".into(),
-            Credential {
-                password_file: Some(secret_file.clone()),
-                password_env: None,
-            },
-        );
+        c.backend
+            .credentials
+            .insert("svc".into(), SecretSource::File(secret_file.clone()));
         TestProxy::start(c)
     };
     let as_role = |proxy: &TestProxy, role: &str| {

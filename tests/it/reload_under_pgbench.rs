@@ -40,7 +40,7 @@ async fn pgbench_survives_a_reload_every_second() {
     std::fs::copy(&pki.server_key, live.join("server.key")).expect("key");
     let port = free_port();
     let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[log]\nlevel = \"warn,pg_tls_proxy::reload=info\"\n",
+        "[listen]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[log]\nlevel = \"warn,pg_tls_proxy::app::reload=info\"\n",
         live.join("server.crt").display(),
         live.join("server.key").display(),
         pg.address()

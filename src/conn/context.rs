@@ -8,29 +8,30 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::backend::cancel::CancelTarget;
 use crate::backend::health::BackendHealth;
-use crate::cancel::CancelRegistry;
-use crate::fdlimit::{self, FdBudget};
 use crate::metrics::Metrics;
+use crate::policy::cancel::CancelRegistry;
 use crate::runtime::Runtime;
+use crate::sys::fdlimit::{self, FdBudget};
 
 /// State every session reads.
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub backend_health: BackendHealth,
-    pub cancels: CancelRegistry,
+    pub cancels: CancelRegistry<CancelTarget>,
     /// Full TLS handshakes in progress (`limits.max_handshakes_in_flight`).
     pub handshake_slots: Semaphore,
     /// Fires when the grace period is over: sessions stop at a message
     /// boundary and tell their client FATAL 57P01.
     pub terminate: CancellationToken,
-    /// File descriptors client traffic may use (see [`crate::fdlimit`]).
+    /// File descriptors client traffic may use (see [`crate::sys::fdlimit`]).
     pub fds: FdBudget,
     /// Throttles the "out of file descriptors" log line.
     pub fd_warning: fdlimit::Throttle,
     /// Most connections open at once since memtrim last looked.
-    pub connections_peak: crate::memtrim::Watermark,
+    pub connections_peak: crate::sys::memtrim::Watermark,
 }
 
 /// Counts and (at most every few seconds) logs a connection the proxy

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use regex::{Regex, RegexSet};
 
 use crate::config::{BackendAuth, ReplicationRule, RuleConfig};
-use crate::identity::{Identity, IdentityKind};
-use crate::protocol::Replication;
+use crate::policy::identity::{Identity, IdentityKind};
+use crate::wire::Replication;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("rules[{index}].{key}: {reason}")]

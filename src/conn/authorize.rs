@@ -7,13 +7,13 @@
 use tracing::{info, warn};
 
 use crate::config::{BackendAuth, ClientAuthMode};
-use crate::identity::Identity;
+use crate::conn::error::SessionError;
 use crate::metrics::Metrics;
-use crate::protocol::Replication;
-use crate::rolemap::Decision;
+use crate::policy::identity::Identity;
+use crate::policy::rolemap::Decision;
 use crate::runtime::Runtime;
-use crate::session_error::SessionError;
-use crate::stream::ClientStream;
+use crate::wire::stream::ClientStream;
+use crate::wire::Replication;
 
 /// How the session may proceed.
 #[derive(Debug, Clone, PartialEq, Eq)]

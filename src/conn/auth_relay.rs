@@ -16,8 +16,8 @@ use pgwire::messages::startup::{Authentication, SASLInitialResponse};
 use pgwire::messages::{DecodeContext, Message};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{Frame, MessageReader, ProtocolError, ReadError, MAX_AUTH_PHASE_MESSAGE};
-use crate::session_error::SessionError;
+use crate::conn::error::SessionError;
+use crate::wire::{Frame, MessageReader, ProtocolError, ReadError, MAX_AUTH_PHASE_MESSAGE};
 
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 

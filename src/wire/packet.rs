@@ -1,18 +1,13 @@
-//! Wire framing for the phases the proxy must understand: pre-startup
-//! packets (length + code) and typed messages during authentication.
-//!
-//! Every message is split off by its length header, with a hard cap, before
-//! pgwire's decoders see it: those decoders are not hardened against
-//! malformed input (they can panic on short bodies). Nothing here reads
-//! more bytes from a socket than the message it was asked for, except
-//! [`MessageReader`], whose buffered surplus is handed to the relay.
+//! Pre-startup packets (length + code): SSLRequest, GSSENCRequest,
+//! CancelRequest and the StartupMessage, read one at a time and nothing
+//! more, and what a startup asks for as PostgreSQL will read it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgwire::messages::startup::{GssEncRequest, SslRequest, Startup};
 use pgwire::messages::{DecodeContext, Message};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub use crate::replication::{parse_bool, Replication};
+use super::{ProtocolError, ReadError, Replication};
 
 /// Largest startup packet body PostgreSQL accepts
 /// (`MAX_STARTUP_PACKET_LENGTH`, src/include/libpq/pqcomm.h); the 4-byte
@@ -21,11 +16,6 @@ pub const MAX_STARTUP_PACKET_LENGTH: usize = 10_000;
 
 /// `CANCEL_REQUEST_CODE` (pqcomm.h): 1234 << 16 | 5678.
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
-
-/// Largest message either side may send while authentication is relayed.
-/// PostgreSQL caps auth tokens at `PG_MAX_AUTH_TOKEN_LENGTH` (65535) and
-/// libpq caps non-data backend messages at 30000 bytes; round up.
-pub const MAX_AUTH_PHASE_MESSAGE: usize = 65_535 + 5;
 
 /// What arrived as a pre-startup packet.
 #[derive(Debug)]
@@ -160,42 +150,6 @@ pub enum NamesError {
     InvalidReplication(String),
 }
 
-/// A frontend protocol error: always answered with SQLSTATE 08P01.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtocolError {
-    #[error("invalid length of startup packet")]
-    StartupLength,
-    #[error("unsupported frontend protocol {0}.{1}: server supports 3.0 to 3.0")]
-    UnsupportedVersion(u16, u16),
-    #[error("malformed {0}")]
-    Malformed(&'static str),
-    #[error("invalid message length {0}")]
-    MessageLength(i32),
-    #[error("{0}")]
-    Unexpected(&'static str),
-}
-
-/// Errors reading a packet: the peer closed, I/O, or a protocol error.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("peer closed the connection")]
-    Eof,
-    #[error(transparent)]
-    Io(std::io::Error),
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-}
-
-impl From<std::io::Error> for ReadError {
-    fn from(e: std::io::Error) -> Self {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ReadError::Eof
-        } else {
-            ReadError::Io(e)
-        }
-    }
-}
-
 /// Reads exactly one pre-startup packet and nothing more (cancel-safe only
 /// in the sense that dropping it drops the connection's framing: callers
 /// run it under a deadline and close on expiry).
@@ -304,105 +258,29 @@ fn pairs_well_formed(mut rest: &[u8]) -> bool {
     }
 }
 
-/// Reads typed messages (`type` + `int32 length` + body) through a buffer.
-/// Whatever was read past the last returned message is kept and must be
-/// forwarded by whoever takes over the stream ([`MessageReader::into_buffer`]).
-pub struct MessageReader {
-    buf: BytesMut,
-    max_len: usize,
-}
-
-impl MessageReader {
-    pub fn new(max_len: usize) -> Self {
-        MessageReader {
-            // Login messages are small; a long session should not keep a
-            // big login buffer alive.
-            buf: BytesMut::with_capacity(512),
-            max_len,
-        }
+/// Encodes a StartupMessage: version, then name/value C strings and the
+/// terminating empty name. Tests, benches and the fuzz seeds build their
+/// startups with it (one encoder, not one per harness).
+pub fn encode_startup(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
     }
-
-    /// Next whole message (header included). Not cancel-safe across a
-    /// partially read message only in that the partial bytes stay buffered,
-    /// which is what a retry wants.
-    pub async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<Frame, ReadError> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = (&self.buf[1..5]).get_i32();
-                if len < 4 || len as usize > self.max_len {
-                    return Err(ProtocolError::MessageLength(len).into());
-                }
-                let total = len as usize + 1;
-                if self.buf.len() >= total {
-                    let bytes = self.buf.split_to(total);
-                    return Ok(Frame { bytes });
-                }
-                self.buf.reserve(total - self.buf.len());
-            }
-            if io.read_buf(&mut self.buf).await? == 0 {
-                return Err(ReadError::Eof);
-            }
-        }
-    }
-
-    /// Waits until the peer has sent at least one byte (kept for
-    /// [`MessageReader::next`]). Cancel-safe: a read either lands in the
-    /// buffer or did not happen.
-    pub async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<(), ReadError> {
-        if !self.buf.is_empty() {
-            return Ok(());
-        }
-        if io.read_buf(&mut self.buf).await? == 0 {
-            return Err(ReadError::Eof);
-        }
-        Ok(())
-    }
-
-    /// Bytes read past the last message returned.
-    pub fn into_buffer(self) -> BytesMut {
-        self.buf
-    }
-}
-
-/// One typed message, header included.
-#[derive(Debug)]
-pub struct Frame {
-    pub bytes: BytesMut,
-}
-
-impl Frame {
-    pub fn tag(&self) -> u8 {
-        self.bytes[0]
-    }
-
-    pub fn body(&self) -> &[u8] {
-        &self.bytes[5..]
-    }
-
-    /// The code of an Authentication ('R') message.
-    pub fn auth_code(&self) -> Option<i32> {
-        (self.tag() == b'R' && self.body().len() >= 4).then(|| (&self.body()[..4]).get_i32())
-    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn startup_bytes(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(&version.to_be_bytes());
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        out.extend(body);
-        out
-    }
+    use crate::wire::NamesError;
+    use encode_startup as startup_bytes;
 
     #[tokio::test]
     async fn reads_startup_and_nothing_more() {
@@ -528,75 +406,6 @@ mod tests {
             read_packet(&mut c).await,
             Err(ReadError::Protocol(ProtocolError::Malformed(_)))
         ));
-    }
-
-    #[tokio::test]
-    async fn message_reader_keeps_surplus() {
-        let mut data = vec![b'Z', 0, 0, 0, 5, b'I'];
-        data.extend_from_slice(b"extra");
-        let mut c = std::io::Cursor::new(data);
-        let mut r = MessageReader::new(100);
-        let f = r.next(&mut c).await.expect("frame");
-        assert_eq!(f.tag(), b'Z');
-        assert_eq!(f.body(), b"I");
-        assert_eq!(&r.into_buffer()[..], b"extra");
-    }
-
-    #[tokio::test]
-    async fn negative_lengths_are_reported_as_sent() {
-        let mut c = std::io::Cursor::new(vec![b'R', 0xff, 0xff, 0xff, 0xfb]);
-        let err = MessageReader::new(100)
-            .next(&mut c)
-            .await
-            .expect_err("refused");
-        assert_eq!(err.to_string(), "invalid message length -5");
-    }
-
-    #[tokio::test]
-    async fn message_reader_caps_length() {
-        let mut c = std::io::Cursor::new(vec![b'p', 0x7f, 0, 0, 0]);
-        let mut r = MessageReader::new(100);
-        assert!(matches!(
-            r.next(&mut c).await,
-            Err(ReadError::Protocol(ProtocolError::MessageLength(_)))
-        ));
-    }
-
-    /// Every spelling PostgreSQL's parse_bool accepts, and the ones it
-    /// refuses (a walsender must never pass as an ordinary backend).
-    #[test]
-    fn replication_values_read_as_postgresql_reads_them() {
-        use Replication::*;
-        for v in [
-            "t", "tr", "tru", "true", "TRUE", "TrU", "y", "ye", "yes", "YES", "on", "ON", "oN", "1",
-        ] {
-            assert_eq!(Replication::parse(v), Some(Physical), "{v}");
-        }
-        for v in [
-            "f", "fa", "false", "FALSE", "n", "no", "NO", "of", "off", "OFF", "0",
-        ] {
-            assert_eq!(Replication::parse(v), Some(None), "{v}");
-        }
-        assert_eq!(Replication::parse("database"), Some(Logical));
-        for v in [
-            "",
-            "o",
-            "truex",
-            "yess",
-            "onn",
-            "offf",
-            "2",
-            "01",
-            "10",
-            " true",
-            "true ",
-            "Database",
-            "DATABASE",
-            "databases",
-            "x",
-        ] {
-            assert_eq!(Replication::parse(v), Option::None, "{v:?}");
-        }
     }
 
     #[tokio::test]

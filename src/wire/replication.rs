@@ -63,3 +63,45 @@ pub fn parse_bool(value: &str) -> Option<bool> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every spelling PostgreSQL's parse_bool accepts, and the ones it
+    /// refuses (a walsender must never pass as an ordinary backend).
+    #[test]
+    fn replication_values_read_as_postgresql_reads_them() {
+        use Replication::*;
+        for v in [
+            "t", "tr", "tru", "true", "TRUE", "TrU", "y", "ye", "yes", "YES", "on", "ON", "oN", "1",
+        ] {
+            assert_eq!(Replication::parse(v), Some(Physical), "{v}");
+        }
+        for v in [
+            "f", "fa", "false", "FALSE", "n", "no", "NO", "of", "off", "OFF", "0",
+        ] {
+            assert_eq!(Replication::parse(v), Some(None), "{v}");
+        }
+        assert_eq!(Replication::parse("database"), Some(Logical));
+        for v in [
+            "",
+            "o",
+            "truex",
+            "yess",
+            "onn",
+            "offf",
+            "2",
+            "01",
+            "10",
+            " true",
+            "true ",
+            "Database",
+            "DATABASE",
+            "databases",
+            "x",
+        ] {
+            assert_eq!(Replication::parse(v), Option::None, "{v:?}");
+        }
+    }
+}

@@ -18,7 +18,7 @@
 //! - a second SSLRequest/GSSENCRequest, or one inside TLS, is a protocol
 //!   violation;
 //! - startup packets are capped at
-//!   [`MAX_STARTUP_PACKET_LENGTH`](crate::protocol::MAX_STARTUP_PACKET_LENGTH).
+//!   [`MAX_STARTUP_PACKET_LENGTH`](crate::wire::MAX_STARTUP_PACKET_LENGTH).
 //!
 //! It never talks to the backend.
 
@@ -31,11 +31,11 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::conn::error::{Phase, SessionError};
 use crate::metrics::Metrics;
-use crate::protocol::{read_packet, Packet, ProtocolError, ReadError, StartupPacket};
-use crate::session_error::{Phase, SessionError};
-use crate::stream::{ClientStream, MaybeTls};
 use crate::tls::ALPN_POSTGRESQL;
+use crate::wire::stream::{ClientStream, MaybeTls};
+use crate::wire::{read_packet, Packet, ProtocolError, ReadError, StartupPacket};
 
 /// First byte of a TLS handshake record: a direct-TLS ClientHello. It can
 /// never start a startup packet (that would be a length over 369 MB).

@@ -5,7 +5,7 @@
 
 use crate::backend::BackendError;
 use crate::error::{ClientError, UserFacing};
-use crate::protocol::{ProtocolError, ReadError};
+use crate::wire::{ProtocolError, ReadError};
 
 /// The phase a deadline expired in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub enum SessionError {
         identity: String,
         user: String,
         database: String,
-        reason: crate::rolemap::DenyReason,
+        reason: crate::policy::rolemap::DenyReason,
     },
     #[error("terminated by the proxy's shutdown")]
     AdminShutdown,
@@ -81,13 +81,11 @@ pub enum SessionError {
     },
 }
 
-impl From<crate::protocol::NamesError> for SessionError {
-    fn from(e: crate::protocol::NamesError) -> Self {
+impl From<crate::wire::NamesError> for SessionError {
+    fn from(e: crate::wire::NamesError) -> Self {
         match e {
-            crate::protocol::NamesError::NoUser => SessionError::NoUser,
-            crate::protocol::NamesError::InvalidReplication(v) => {
-                SessionError::InvalidReplication(v)
-            }
+            crate::wire::NamesError::NoUser => SessionError::NoUser,
+            crate::wire::NamesError::InvalidReplication(v) => SessionError::InvalidReplication(v),
         }
     }
 }
@@ -203,11 +201,11 @@ impl SessionError {
                 database,
                 reason,
             } => match reason {
-                crate::rolemap::DenyReason::ReplicationNotAllowed => ClientError::fatal(
+                crate::policy::rolemap::DenyReason::ReplicationNotAllowed => ClientError::fatal(
                     INVALID_AUTHORIZATION,
                     format!("certificate \"{identity}\" is not allowed to start a replication connection as role \"{user}\""),
                 ),
-                crate::rolemap::DenyReason::DatabaseNotAllowed => ClientError::fatal(
+                crate::policy::rolemap::DenyReason::DatabaseNotAllowed => ClientError::fatal(
                     INVALID_AUTHORIZATION,
                     format!("certificate \"{identity}\" is not allowed to connect to database \"{database}\" as role \"{user}\""),
                 ),

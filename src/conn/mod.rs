@@ -9,6 +9,14 @@
 //! outcome lands in the connection's [`SessionRecord`], which settles the
 //! metrics and writes the audit event when it is dropped.
 
+pub mod auth_relay;
+pub mod authorize;
+pub mod context;
+pub mod error;
+pub mod negotiate;
+pub mod record;
+pub mod relay;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,22 +30,23 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::audit::SessionRecord;
-use crate::authorize::{authorize, Access};
+use crate::backend::cancel::CancelTarget;
 use crate::backend::login::{self, LoginError};
 use crate::backend::BackendError;
 use crate::backend::Purpose;
-use crate::cancel::{CancelTarget, Lookup};
 use crate::config::{BackendAuth, SslMode};
-use crate::context::Shared;
-use crate::fdlimit::FdPermit;
-use crate::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
-use crate::protocol::{MessageReader, ReadError, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
-use crate::relay::{relay, Ending, Options, Side};
+use crate::conn::auth_relay::{relay_authentication, ExchangeError, Outcome};
+use crate::conn::authorize::{authorize, Access};
+use crate::conn::context::Shared;
+use crate::conn::error::{Phase, SessionError};
+use crate::conn::negotiate::{negotiate, Ctx, Failed, Negotiated, Path};
+use crate::conn::record::SessionRecord;
+use crate::conn::relay::{relay, Ending, Options, Side};
+use crate::policy::cancel::Lookup;
 use crate::runtime::Runtime;
-use crate::session_error::{Phase, SessionError};
-use crate::startup::{relay_authentication, ExchangeError, Outcome};
-use crate::stream::{BackendStream, ClientStream};
+use crate::sys::fdlimit::FdPermit;
+use crate::wire::stream::{BackendStream, ClientStream};
+use crate::wire::{MessageReader, ReadError, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -111,10 +120,10 @@ fn report(error: &SessionError) {
         SessionError::ClientEof(_) => debug!(kind = error.kind(), "{error}"),
         SessionError::Tls(_)
         | SessionError::DirectTlsWithoutAlpn
-        | SessionError::Timeout(crate::session_error::Phase::TlsHandshake) => {
+        | SessionError::Timeout(crate::conn::error::Phase::TlsHandshake) => {
             warn!(
                 kind = error.kind(),
-                reason = crate::negotiate::failure_reason(error),
+                reason = crate::conn::negotiate::failure_reason(error),
                 "TLS handshake refused: {error}"
             )
         }
@@ -400,7 +409,7 @@ async fn reach_backend(
     let (shared, rt) = (conn.shared, conn.rt);
     let address = || rt.connector.address().to_string();
     let Some(fd) = shared.fds.try_take() else {
-        crate::context::out_of_descriptors(shared, "backend");
+        crate::conn::context::out_of_descriptors(shared, "backend");
         return Err(BackendError::OutOfDescriptors(address()).into());
     };
     let started = std::time::Instant::now();
@@ -440,7 +449,7 @@ async fn reach_backend(
         .with_label_values(&[label, sslmode])
         .inc();
     if label == "fd_exhausted" {
-        crate::context::out_of_descriptors(shared, "backend");
+        crate::conn::context::out_of_descriptors(shared, "backend");
     } else {
         shared.backend_health.record(label == "ok");
     }
@@ -489,7 +498,7 @@ async fn negotiate_version(
     );
     let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
     msg.encode(&mut buf)
-        .map_err(|_| crate::protocol::ProtocolError::Malformed("startup options"))?;
+        .map_err(|_| crate::wire::ProtocolError::Malformed("startup options"))?;
     client.write_all(&buf).await.map_err(SessionError::ClientIo)
 }
 
@@ -556,11 +565,14 @@ async fn end_with(client: &mut ClientStream, why: SessionError) {
 /// over the backend link that session used. Never answers the client.
 async fn forward_cancel(conn: &Conn<'_>, packet: &[u8], path: Path) {
     let metrics = &conn.shared.metrics;
-    let (lookup, target) = conn.shared.cancels.lookup(conn.peer.ip(), packet);
+    let (lookup, target) =
+        conn.shared
+            .cancels
+            .lookup(conn.peer.ip(), packet, std::time::Instant::now());
     let result = match (lookup, target) {
         (Lookup::Found, Some(target)) => match conn.shared.fds.try_take() {
             None => {
-                crate::context::out_of_descriptors(conn.shared, "backend");
+                crate::conn::context::out_of_descriptors(conn.shared, "backend");
                 "failed"
             }
             Some(_fd) => match target.connector.forward_cancel(&target.packet()).await {

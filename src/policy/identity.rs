@@ -17,39 +17,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::x509::{AttributeTypeAndValue, X509Name};
 
-/// The kinds of identity a rule can match, as written in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IdentityKind {
-    Cn,
-    Dn,
-    Dns,
-    Email,
-    Uri,
-    Ip,
-}
-
-impl IdentityKind {
-    pub const ALL: [IdentityKind; 6] = [
-        IdentityKind::Cn,
-        IdentityKind::Dn,
-        IdentityKind::Dns,
-        IdentityKind::Email,
-        IdentityKind::Uri,
-        IdentityKind::Ip,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IdentityKind::Cn => "cn",
-            IdentityKind::Dn => "dn",
-            IdentityKind::Dns => "dns",
-            IdentityKind::Email => "email",
-            IdentityKind::Uri => "uri",
-            IdentityKind::Ip => "ip",
-        }
-    }
-}
+pub use crate::config::IdentityKind;
 
 /// Every identity one certificate carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

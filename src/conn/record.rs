@@ -13,8 +13,8 @@ use std::time::Instant;
 use tracing::info;
 
 use crate::backend::Connector;
-use crate::context::Shared;
-use crate::negotiate::TlsInfo;
+use crate::conn::context::Shared;
+use crate::conn::negotiate::TlsInfo;
 
 pub struct SessionRecord {
     shared: Arc<Shared>,

@@ -18,8 +18,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::context::Shared;
+use crate::config::{Config, SecretSource};
+use crate::conn::context::Shared;
 use crate::runtime::Runtime;
 
 /// Applies a new log filter; `Err` names what was wrong with it.
@@ -144,19 +144,16 @@ fn fingerprint(config_path: Option<&PathBuf>, config: &Config) -> Fingerprint {
 
 fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = config_path.into_iter().cloned().collect();
-    files.extend(c.tls.cert.iter().cloned());
-    files.extend(c.tls.key.iter().cloned());
+    for pair in c.tls.server.iter().chain(&c.backend.client_cert) {
+        files.extend([pair.cert.clone(), pair.key.clone()]);
+    }
     files.extend(c.client_auth.ca.iter().cloned());
     files.extend(c.client_auth.crl.iter().cloned());
     files.extend(c.backend.sslrootcert.iter().cloned());
-    files.extend(c.backend.sslcert.iter().cloned());
-    files.extend(c.backend.sslkey.iter().cloned());
-    files.extend(
-        c.backend
-            .credentials
-            .values()
-            .filter_map(|c| c.password_file.clone()),
-    );
+    files.extend(c.backend.credentials.values().filter_map(|c| match c {
+        SecretSource::File(path) => Some(path.clone()),
+        SecretSource::Env(_) => None,
+    }));
     files
 }
 

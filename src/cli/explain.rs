@@ -4,16 +4,19 @@
 //! final decision.
 
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use rustls_pki_types::UnixTime;
 
 use crate::config::{ClientAuthMode, Config};
-use crate::identity::Identity;
-use crate::protocol::Replication;
-use crate::rolemap::{Decision, RoleMap};
+use crate::policy::identity::Identity;
+use crate::policy::rolemap::{Decision, RoleMap};
 use crate::tls::client_auth;
 use crate::tls::pem::{self, CertSummary, FileError};
+use crate::wire::Replication;
+
+use super::EX_USAGE;
 
 /// The report, and whether the startup would be allowed.
 pub struct Explained {
@@ -26,7 +29,7 @@ pub enum ExplainError {
     #[error(transparent)]
     File(#[from] FileError),
     #[error(transparent)]
-    Rules(#[from] crate::rolemap::RuleError),
+    Rules(#[from] crate::policy::rolemap::RuleError),
 }
 
 pub fn explain(
@@ -173,7 +176,7 @@ pub fn explain(
                     reason, identity, ..
                 } => {
                     // Exactly what the client would be told.
-                    let told = crate::session_error::SessionError::RoleDenied {
+                    let told = crate::conn::error::SessionError::RoleDenied {
                         identity,
                         user: u.to_string(),
                         database: database.unwrap_or(u).to_string(),
@@ -191,4 +194,53 @@ pub fn explain(
         let _ = writeln!(w, "decision: give --user (and --database) to decide");
     }
     Ok(Explained { text: out, allowed })
+}
+
+/// `pg-tls-proxy explain`: the report on stdout; exit 1 when refused.
+pub fn command(
+    config: Option<PathBuf>,
+    cert: PathBuf,
+    user: Option<String>,
+    database: Option<String>,
+    replication: Option<String>,
+) -> ExitCode {
+    let replication = match replication.as_deref().map(Replication::parse) {
+        None => Replication::None,
+        Some(Some(r)) => r,
+        Some(None) => {
+            eprintln!(
+                "pg-tls-proxy explain: --replication: PostgreSQL accepts a boolean or \"database\""
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let config = match Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pg-tls-proxy: configuration error: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match explain(
+        &config,
+        &cert,
+        user.as_deref(),
+        database.as_deref(),
+        replication,
+    ) {
+        Ok(report) => {
+            {
+                use std::io::Write;
+                let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
+            }
+            match report.allowed {
+                Some(false) => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("pg-tls-proxy explain: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    }
 }

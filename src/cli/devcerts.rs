@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -115,4 +116,25 @@ fn save(dir: &Path, name: &str, contents: &str, secret: bool) -> anyhow::Result<
         .open(&path)?;
     file.write_all(contents.as_bytes())?;
     Ok(path)
+}
+
+/// `pg-tls-proxy dev-certs`.
+pub fn command(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> ExitCode {
+    if hosts.is_empty() {
+        hosts = vec!["localhost".into(), "127.0.0.1".into()];
+    }
+    match write(&out, &hosts, &clients) {
+        Ok(written) => {
+            out!("DEVELOPMENT ONLY: throwaway certificates, never use them in production.");
+            for f in written.files {
+                out!("  wrote {}", f.display());
+            }
+            out!("server names: {}", hosts.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pg-tls-proxy dev-certs: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

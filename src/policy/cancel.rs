@@ -1,14 +1,13 @@
 //! Proxy-issued cancel keys. Each client gets its own random BackendKeyData
-//! (the backend's `K` is rewritten); the registry maps that key to the
-//! backend it stands for (pid, secret, and the link settings the session
-//! used). An entry lives exactly as long as its session ([`Registration`]
-//! removes it on drop).
+//! (the backend's `K` is rewritten); the registry maps that key to what it
+//! stands for (a target the caller defines: the backend's key and link,
+//! [`crate::backend::cancel::CancelTarget`]). An entry lives exactly as
+//! long as its session ([`Registration`] removes it on drop).
 //!
-//! A CancelRequest (plaintext, after SSLRequest + TLS, or over direct TLS)
-//! is looked up, its secret compared in constant time, and forwarded over
-//! the backend link's mode. Unknown keys are ignored silently, as
-//! PostgreSQL does; attempts are rate-limited per source address. The
-//! backend's real key never reaches the client.
+//! A CancelRequest's key is looked up and its secret compared in constant
+//! time; unknown keys are ignored silently, as PostgreSQL does; attempts
+//! are rate-limited per source address. Forwarding is the backend's job.
+//! The backend's real key never reaches the client.
 //!
 //! Key layout (8 bytes, as protocol 3.0's pid + secret):
 //! ```text
@@ -23,11 +22,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use rand::Rng;
-use tokio::time::Instant;
-use tracing::debug;
+use std::time::Instant;
 
-use crate::backend::Connector;
+use rand::Rng;
+use tracing::debug;
 
 /// Replica id placed in bits 30..24 of every issued pid.
 pub const REPLICA_ID: i32 = 0;
@@ -40,47 +38,41 @@ const CANCEL_PER_SECOND: f64 = 10.0;
 /// make the limiter hold.
 const MAX_TRACKED_SOURCES: usize = 4096;
 
-/// Where a proxy key's cancel goes.
-#[derive(Clone)]
-pub struct CancelTarget {
-    pub backend_pid: i32,
-    pub backend_secret: [u8; 4],
-    pub connector: Arc<Connector>,
-}
-
-impl CancelTarget {
-    /// The CancelRequest the backend expects.
-    pub fn packet(&self) -> [u8; 16] {
-        let mut p = [0u8; 16];
-        p[..4].copy_from_slice(&16i32.to_be_bytes());
-        p[4..8].copy_from_slice(&crate::protocol::CANCEL_REQUEST_CODE.to_be_bytes());
-        p[8..12].copy_from_slice(&self.backend_pid.to_be_bytes());
-        p[12..].copy_from_slice(&self.backend_secret);
-        p
-    }
-}
-
-struct Entry {
+struct Entry<T> {
     secret: [u8; 4],
-    target: CancelTarget,
+    target: T,
 }
 
-#[derive(Default)]
-struct Inner {
-    sessions: Mutex<HashMap<i32, Entry>>,
+struct Inner<T> {
+    sessions: Mutex<HashMap<i32, Entry<T>>>,
     sources: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
-#[derive(Clone, Default)]
-pub struct CancelRegistry(Arc<Inner>);
+/// Issued keys and what each stands for.
+pub struct CancelRegistry<T>(Arc<Inner<T>>);
+
+impl<T> Clone for CancelRegistry<T> {
+    fn clone(&self) -> Self {
+        CancelRegistry(self.0.clone())
+    }
+}
+
+impl<T> Default for CancelRegistry<T> {
+    fn default() -> Self {
+        CancelRegistry(Arc::new(Inner {
+            sessions: Mutex::default(),
+            sources: Mutex::default(),
+        }))
+    }
+}
 
 /// Removes its key from the registry when the session ends.
-pub struct Registration {
-    inner: Arc<Inner>,
+pub struct Registration<T> {
+    inner: Arc<Inner<T>>,
     pid: i32,
 }
 
-impl Drop for Registration {
+impl<T> Drop for Registration<T> {
     fn drop(&mut self) {
         if let Ok(mut map) = self.inner.sessions.lock() {
             map.remove(&self.pid);
@@ -96,14 +88,14 @@ pub enum Lookup {
     RateLimited,
 }
 
-impl CancelRegistry {
-    pub fn new() -> CancelRegistry {
+impl<T: Clone> CancelRegistry<T> {
+    pub fn new() -> CancelRegistry<T> {
         CancelRegistry::default()
     }
 
-    /// Issues a fresh proxy key for a backend key; the 8 bytes go to the
-    /// client in place of the backend's.
-    pub fn register(&self, target: CancelTarget) -> ([u8; 8], Registration) {
+    /// Issues a fresh proxy key for a target; the 8 bytes go to the client
+    /// in place of the backend's.
+    pub fn register(&self, target: T) -> ([u8; 8], Registration<T>) {
         let mut rng = rand::rng();
         let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let pid = loop {
@@ -127,9 +119,9 @@ impl CancelRegistry {
     }
 
     /// Finds the target of a CancelRequest packet (16 bytes, length word
-    /// included), after the per-source rate limit.
-    pub fn lookup(&self, source: IpAddr, packet: &[u8]) -> (Lookup, Option<CancelTarget>) {
-        if !self.allow(source) {
+    /// included), after the per-source rate limit (at `now`).
+    pub fn lookup(&self, source: IpAddr, packet: &[u8], now: Instant) -> (Lookup, Option<T>) {
+        if !self.allow(source, now) {
             return (Lookup::RateLimited, None);
         }
         // Protocol 3.2 allows longer secrets; ours are always 4 bytes.
@@ -155,22 +147,13 @@ impl CancelRegistry {
         self.len() == 0
     }
 
-    /// Cancels every registered session's running query (at shutdown);
-    /// returns how many cancels were delivered.
-    pub async fn cancel_all(&self) -> usize {
-        let targets: Vec<CancelTarget> = {
-            let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            map.values().map(|e| e.target.clone()).collect()
-        };
-        let sends = targets
-            .into_iter()
-            .map(|t| async move { t.connector.forward_cancel(&t.packet()).await });
-        let results = futures_join_all(sends).await;
-        results.into_iter().filter(|r| r.is_ok()).count()
+    /// Every registered target (to cancel all running queries at shutdown).
+    pub fn targets(&self) -> Vec<T> {
+        let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(|e| e.target.clone()).collect()
     }
 
-    fn allow(&self, source: IpAddr) -> bool {
-        let now = Instant::now();
+    fn allow(&self, source: IpAddr, now: Instant) -> bool {
         let mut sources = self.0.sources.lock().unwrap_or_else(|p| p.into_inner());
         if sources.len() >= MAX_TRACKED_SOURCES && !sources.contains_key(&source) {
             // Forget sources whose bucket has refilled: they hold no state.
@@ -195,25 +178,6 @@ impl CancelRegistry {
     }
 }
 
-/// Runs futures concurrently and collects their outputs.
-async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for f in futures {
-        set.spawn(f);
-    }
-    let mut out = Vec::new();
-    while let Some(r) = set.join_next().await {
-        if let Ok(v) = r {
-            out.push(v);
-        }
-    }
-    out
-}
-
 /// Compares secrets without an early exit.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -222,14 +186,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Backend;
+    use std::time::Duration;
 
-    fn target(pid: i32) -> CancelTarget {
-        CancelTarget {
-            backend_pid: pid,
-            backend_secret: [1, 2, 3, 4],
-            connector: Arc::new(Connector::new(&Backend::default()).expect("connector")),
-        }
+    /// A stand-in for the backend key a proxy key stands for.
+    fn target(pid: i32) -> (i32, [u8; 4]) {
+        (pid, [1, 2, 3, 4])
     }
 
     fn cancel_packet(key: &[u8; 8]) -> Vec<u8> {
@@ -238,43 +199,49 @@ mod tests {
         p
     }
 
-    #[tokio::test]
-    async fn keys_map_to_backends_and_die_with_the_session() {
+    #[test]
+    fn keys_map_to_backends_and_die_with_the_session() {
         let reg = CancelRegistry::new();
         let (key, guard) = reg.register(target(4242));
         let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
         assert!(pid > 0 && pid >> 24 == REPLICA_ID);
         assert_ne!(pid, 4242, "the backend pid is never handed out");
         let ip: IpAddr = "127.0.0.1".parse().expect("ip");
-        let (found, t) = reg.lookup(ip, &cancel_packet(&key));
+        let now = Instant::now();
+        let (found, t) = reg.lookup(ip, &cancel_packet(&key), now);
         assert_eq!(found, Lookup::Found);
-        assert_eq!(t.expect("target").packet()[8..12], 4242i32.to_be_bytes());
+        assert_eq!(t, Some(target(4242)));
         let mut wrong = key;
         wrong[7] ^= 1;
-        assert_eq!(reg.lookup(ip, &cancel_packet(&wrong)).0, Lookup::Unknown);
+        assert_eq!(
+            reg.lookup(ip, &cancel_packet(&wrong), now).0,
+            Lookup::Unknown
+        );
+        assert_eq!(reg.targets(), vec![target(4242)]);
         drop(guard);
-        assert_eq!(reg.lookup(ip, &cancel_packet(&key)).0, Lookup::Unknown);
+        assert_eq!(reg.lookup(ip, &cancel_packet(&key), now).0, Lookup::Unknown);
         assert!(reg.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn rate_limit_per_source() {
-        let reg = CancelRegistry::new();
+    #[test]
+    fn rate_limit_per_source() {
+        let reg: CancelRegistry<()> = CancelRegistry::new();
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         let junk = [0u8; 16];
+        let now = Instant::now();
         for _ in 0..CANCEL_BURST as usize {
-            assert_eq!(reg.lookup(a, &junk).0, Lookup::Unknown);
+            assert_eq!(reg.lookup(a, &junk, now).0, Lookup::Unknown);
         }
-        assert_eq!(reg.lookup(a, &junk).0, Lookup::RateLimited);
+        assert_eq!(reg.lookup(a, &junk, now).0, Lookup::RateLimited);
         assert_eq!(
-            reg.lookup(b, &junk).0,
+            reg.lookup(b, &junk, now).0,
             Lookup::Unknown,
             "other sources are unaffected"
         );
-        tokio::time::advance(std::time::Duration::from_millis(250)).await;
+        let later = now + Duration::from_millis(250);
         assert_eq!(
-            reg.lookup(a, &junk).0,
+            reg.lookup(a, &junk, later).0,
             Lookup::Unknown,
             "the bucket refills"
         );

@@ -8,6 +8,11 @@
 //! new one and swaps it atomically; each connection reads the current one
 //! once, at accept, and keeps it for its lifetime.
 
+pub mod admin;
+pub mod logging;
+pub mod reload;
+pub mod signals;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,17 +26,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::{AdminState, Readiness};
+use crate::app::admin::{AdminState, Readiness};
+pub use crate::app::reload::{LogReloader, ReloadSource};
 use crate::backend::health::BackendHealth;
-use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError};
-pub use crate::context::Shared;
-use crate::fdlimit::{self, FdBudget, FdLimit};
-use crate::listener::{bind, effective_backlog};
+use crate::conn;
+pub use crate::conn::context::Shared;
 use crate::metrics::Metrics;
-pub use crate::reload::{LogReloader, ReloadSource};
+use crate::policy::cancel::CancelRegistry;
 use crate::runtime::Runtime;
-use crate::session;
+use crate::sys::fdlimit::{self, FdBudget, FdLimit};
+use crate::sys::listener::{bind, effective_backlog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -42,7 +47,7 @@ pub enum StartError {
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
-    Bind(#[from] crate::listener::BindError),
+    Bind(#[from] crate::sys::listener::BindError),
 }
 
 impl StartError {
@@ -112,7 +117,7 @@ pub struct Handle {
     readiness: Arc<Readiness>,
     admin_addr: Option<SocketAddr>,
     admin_stop: CancellationToken,
-    reloader: Arc<crate::reload::Reloader>,
+    reloader: Arc<crate::app::reload::Reloader>,
 }
 
 /// What a shutdown did.
@@ -143,7 +148,7 @@ pub async fn serve(
     } else if let Some(from) = prepared.fd_limit.raised_from {
         info!(from, to = prepared.fd_limit.soft, "raised RLIMIT_NOFILE");
     }
-    let reloader = Arc::new(crate::reload::Reloader::new(
+    let reloader = Arc::new(crate::app::reload::Reloader::new(
         shared.clone(),
         config.clone(),
         source,
@@ -154,7 +159,7 @@ pub async fn serve(
         let (listener, addr) = bind(
             "admin.address",
             &config.admin.address,
-            crate::admin::BACKLOG,
+            crate::app::admin::BACKLOG,
         )
         .await?;
         let state = Arc::new(AdminState {
@@ -163,7 +168,11 @@ pub async fn serve(
             shared: shared.clone(),
             reloader: reloader.clone(),
         });
-        tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
+        tokio::spawn(crate::app::admin::serve(
+            listener,
+            state,
+            admin_stop.clone(),
+        ));
         info!(%addr, "admin listening");
         Some(addr)
     } else {
@@ -196,7 +205,7 @@ pub async fn serve(
         force_close.clone(),
         tracker.clone(),
     ));
-    tokio::spawn(crate::memtrim::run(
+    tokio::spawn(crate::sys::memtrim::run(
         shared.metrics.connections_active.clone(),
         shared.connections_peak.clone(),
         stop_accepting.clone(),
@@ -260,7 +269,7 @@ async fn accept_loop(
         // the reserve belongs to the admin listener and reloads.
         let Some(fd) = shared.fds.try_take() else {
             drop(tcp);
-            crate::context::out_of_descriptors(&shared, "accept");
+            crate::conn::context::out_of_descriptors(&shared, "accept");
             continue;
         };
         // Over the limit the client still negotiates, so it can be told
@@ -270,7 +279,7 @@ async fn accept_loop(
         let force = force.clone();
         tracker.spawn(async move {
             tokio::select! {
-                _ = session::run(tcp, peer, shared, permit, fd) => {}
+                _ = conn::run(tcp, peer, shared, permit, fd) => {}
                 _ = force.cancelled() => {}
             }
         });
@@ -325,7 +334,8 @@ impl Handle {
             .is_err()
         {
             report.terminated = self.tracker.len();
-            report.cancelled_queries = self.shared.cancels.cancel_all().await;
+            report.cancelled_queries =
+                crate::backend::cancel::cancel_all(self.shared.cancels.targets()).await;
             warn!(
                 sessions = report.terminated,
                 cancelled_queries = report.cancelled_queries,

@@ -83,8 +83,8 @@ impl Readiness {
 pub struct AdminState {
     pub registry: Registry,
     pub readiness: Arc<Readiness>,
-    pub shared: Arc<crate::context::Shared>,
-    pub reloader: Arc<crate::reload::Reloader>,
+    pub shared: Arc<crate::conn::context::Shared>,
+    pub reloader: Arc<crate::app::reload::Reloader>,
 }
 
 /// Serves until `stop` is cancelled.
@@ -134,7 +134,10 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn ready_response(state: &AdminState, shared: &crate::context::Shared) -> Response<Full<Bytes>> {
+fn ready_response(
+    state: &AdminState,
+    shared: &crate::conn::context::Shared,
+) -> Response<Full<Bytes>> {
     match state.readiness.check(&shared.backend_health) {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(why) => text(

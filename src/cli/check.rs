@@ -1,0 +1,103 @@
+//! `pg-tls-proxy check`: load the configuration and every file it names,
+//! exactly as a start would, and print what the proxy would run with.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::tls::pem::unix_now;
+
+use super::load;
+
+pub fn check(config: Option<PathBuf>) -> ExitCode {
+    let prepared = match load(config, &prometheus::Registry::new()) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let c = &prepared.config;
+    let rt = prepared.runtime();
+    out!("configuration OK");
+    out!("listen.address      {}", c.listen.address);
+    match rt.server_chain.first() {
+        Some(leaf) => {
+            out!("tls.cert subject    {}", leaf.subject);
+            out!("tls.cert issuer     {}", leaf.issuer);
+            out!("tls.cert SANs       {}", leaf.sans.join(", "));
+            out!(
+                "tls.cert chain      {} certificate(s)",
+                rt.server_chain.len()
+            );
+            out!("tls.cert expires in {} days", leaf.days_left(unix_now()));
+        }
+        None => out!("tls                 not configured (plaintext only)"),
+    }
+    out!("tls.min_version     {}", c.tls.min_version.as_str());
+    out!("tls.allow_plaintext {}", c.tls.allow_plaintext);
+    let mode = c.client_auth.effective_mode().as_str();
+    out!("client_auth.mode    {mode}");
+    let now = unix_now();
+    for ca in &rt.client_cas {
+        out!(
+            "client_auth.ca      {} (expires in {} days)",
+            ca.subject,
+            ca.days_left(now)
+        );
+    }
+    for crl in &rt.client_crls {
+        let state = if crl.is_stale(now) {
+            "STALE: past next_update"
+        } else {
+            "current"
+        };
+        out!("client_auth.crl     {} ({state})", crl.path.display());
+    }
+    out!("rules               {}", c.rules.len());
+    out!(
+        "admin.address       {}",
+        if c.admin.enabled {
+            c.admin.address.as_str()
+        } else {
+            "disabled"
+        }
+    );
+    out!(
+        "limits              handshake_timeout={:?} auth_timeout={:?} max_connections={} max_handshakes_in_flight={} idle_timeout={}",
+        c.limits.handshake_timeout,
+        c.limits.auth_timeout,
+        c.limits.max_connections,
+        c.limits.max_handshakes_in_flight,
+        c.limits.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}"))
+    );
+    out!(
+        "listen.backlog      {} (effective {}: the kernel caps it at net.core.somaxconn)",
+        c.listen.backlog,
+        crate::sys::listener::effective_backlog(c.listen.backlog)
+    );
+    let fds = &prepared.fd_limit;
+    out!(
+        "file descriptors    RLIMIT_NOFILE {} (hard {}{}); room for {} sessions (2 descriptors each, {} reserved)",
+        fds.soft,
+        fds.hard,
+        fds.raised_from
+            .map_or(String::new(), |from| format!(", raised from {from}")),
+        fds.sessions(),
+        crate::sys::fdlimit::RESERVED
+    );
+    if let Some(why) = fds.shortfall(c.limits.max_connections) {
+        out!("WARNING             {why}");
+    }
+    out!(
+        "shutdown            grace_period={:?}",
+        c.shutdown.grace_period
+    );
+    out!("backend.address     {}", c.backend.address);
+    out!("backend.sslmode     {}", c.backend.sslmode.as_str());
+    out!(
+        "backend client cert {}",
+        if c.backend.client_cert.is_some() {
+            "yes (mTLS)"
+        } else {
+            "no"
+        }
+    );
+    ExitCode::SUCCESS
+}
