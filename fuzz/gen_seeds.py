@@ -223,9 +223,29 @@ def backend_login():
           + auth(11, b"r=clientnonceSERVERNONCE,s=c2FsdHNhbHQ=,i=2000000000"))
 
 
+def negotiate():
+    t = "negotiate"
+    tls, plain = 0x01, 0x02
+    startup = packet(startup_body(196608, [(b"user", b"alice"), (b"database", b"db")]))
+    ssl = packet(i32(SSL_REQUEST_CODE))
+    gss = packet(i32(GSSENC_REQUEST_CODE))
+    cancel = packet(i32(CANCEL_REQUEST_CODE) + i32(7) + b"\x01\x02\x03\x04")
+    write(t, "plaintext_allowed", bytes([plain]) + startup)
+    write(t, "plaintext_refused", bytes([tls]) + startup)
+    write(t, "ssl_request_alone", bytes([tls]) + ssl)
+    write(t, "ssl_request_early_data", bytes([tls]) + ssl + startup)
+    write(t, "ssl_without_tls_then_startup", bytes([plain]) + ssl + startup)
+    write(t, "gssenc_then_ssl", bytes([tls]) + gss + ssl)
+    write(t, "gssenc_twice", bytes([tls | plain]) + gss + gss)
+    write(t, "cancel", bytes([tls]) + cancel)
+    write(t, "oversized", bytes([tls]) + i32(10_005))
+    write(t, "protocol_2", bytes([plain]) + packet(startup_body(2 << 16, [(b"user", b"a")])))
+    write(t, "client_hello_prefix", bytes([tls]) + b"\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03" + bytes(32))
+
+
 if __name__ == "__main__":
     for target in ["startup_packet", "message_reader", "relay_framer", "identity", "auth_exchange",
-                   "backend_login"]:
+                   "backend_login", "negotiate"]:
         shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
         globals()[target]()
     for target in sorted(os.listdir(CORPUS)):

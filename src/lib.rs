@@ -32,15 +32,21 @@
 #![deny(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+// The public API: the command line, the running proxy, its configuration.
 pub mod app;
-pub mod backend;
 pub mod cli;
 pub mod config;
-pub mod conn;
-pub mod error;
-pub mod metrics;
-pub mod policy;
-pub mod runtime;
-pub mod sys;
-pub mod tls;
-pub mod wire;
+
+// Internals: public only with the `testing` feature, for the benches, the
+// fuzz targets and tests that drive one layer directly (the dev-dependency
+// on this crate turns it on for `cargo test` and `cargo bench`).
+macro_rules! internal {
+    ($($module:ident),* $(,)?) => {$(
+        #[cfg(feature = "testing")]
+        pub mod $module;
+        #[cfg(not(feature = "testing"))]
+        mod $module;
+    )*};
+}
+
+internal!(backend, conn, error, metrics, policy, runtime, sys, tls, wire);

@@ -9,8 +9,8 @@
 //! stops sending clients to a replica that cannot serve them.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -38,57 +38,42 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// cannot hold admin connections.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What `/ready` looks at.
-pub struct Readiness {
-    pub serving: AtomicBool,
-    pub draining: AtomicBool,
-    pub unready_after_backend_failures: u32,
+/// What `/ready` reports: implemented by the app over its drain flags
+/// and the backend's health.
+pub trait Readiness: Send + Sync + 'static {
+    /// `Ok` when ready, else why not, from what is known now (no I/O).
+    fn check(&self) -> Result<(), String>;
+
+    /// Runs before `/ready` answers: may try what is down, so that a
+    /// replica the load balancer stopped sending clients to can notice
+    /// its recovery.
+    fn probe(&self) -> impl Future<Output = ()> + Send;
 }
 
-impl Readiness {
-    pub fn new(unready_after_backend_failures: u32) -> Readiness {
-        Readiness {
-            serving: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            unready_after_backend_failures,
-        }
-    }
-
-    /// Whether readiness is down only because of backend failures.
-    pub fn backend_down(&self, health: &crate::backend::health::BackendHealth) -> bool {
-        let n = self.unready_after_backend_failures;
-        n > 0 && health.consecutive_failures() >= n
-    }
-
-    /// `Ok` when ready, else the reason.
-    pub fn check(&self, health: &crate::backend::health::BackendHealth) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err("draining".into());
-        }
-        if !self.serving.load(Ordering::Relaxed) {
-            return Err("starting".into());
-        }
-        let n = self.unready_after_backend_failures;
-        let failures = health.consecutive_failures();
-        if n > 0 && failures >= n {
-            return Err(format!(
-                "backend unreachable: the last {failures} connect attempts failed"
-            ));
-        }
-        Ok(())
-    }
+/// `POST /reload`.
+pub trait Reload: Send + Sync + 'static {
+    /// `Err` says why the old configuration was kept.
+    fn reload(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// Everything the admin handlers read.
-pub struct AdminState {
+/// Everything the admin listener serves: narrow handles, nothing of the
+/// connection path.
+pub struct Admin<R, L> {
     pub registry: Registry,
-    pub readiness: Arc<Readiness>,
-    pub shared: Arc<crate::conn::context::Shared>,
-    pub reloader: Arc<crate::app::reload::Reloader>,
+    pub readiness: R,
+    pub reloader: L,
+    /// `pgtls_ready`, set from `readiness` at each scrape.
+    pub ready_gauge: IntGauge,
+    /// `pgtls_admin_connections_refused_total`.
+    pub refused: IntCounter,
 }
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+pub async fn serve<R: Readiness, L: Reload>(
+    listener: TcpListener,
+    state: Arc<Admin<R, L>>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -103,7 +88,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            state.shared.metrics.admin_connections_refused.inc();
+            state.refused.inc();
             debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
             continue;
         };
@@ -134,30 +119,16 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn ready_response(
-    state: &AdminState,
-    shared: &crate::conn::context::Shared,
-) -> Response<Full<Bytes>> {
-    match state.readiness.check(&shared.backend_health) {
-        Ok(()) => text(StatusCode::OK, "ready\n"),
-        Err(why) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        ),
-    }
-}
-
-async fn handle(
+async fn handle<R: Readiness, L: Reload>(
     req: Request<Incoming>,
-    state: Arc<AdminState>,
+    state: Arc<Admin<R, L>>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let shared = &state.shared;
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            shared.metrics.ready.set(i64::from(
-                state.readiness.check(&shared.backend_health).is_ok(),
-            ));
+            state
+                .ready_gauge
+                .set(i64::from(state.readiness.check().is_ok()));
             let encoder = TextEncoder::new();
             let mut body = Vec::with_capacity(16 * 1024);
             match encoder.encode(&state.registry.gather(), &mut body) {
@@ -176,16 +147,14 @@ async fn handle(
         }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            // While the backend counts as down, each readiness probe tries
-            // it once: without client traffic (which a load balancer stops
-            // sending to an unready replica) nothing else would notice its
-            // recovery.
-            if state.readiness.backend_down(&shared.backend_health) {
-                let connector = shared.runtime.load().connector.clone();
-                let ok = connector.probe().await.is_ok();
-                shared.backend_health.record(ok);
+            state.readiness.probe().await;
+            match state.readiness.check() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
             }
-            ready_response(&state, shared)
         }
         (&Method::POST, "/reload") if !peer.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
@@ -205,4 +174,102 @@ async fn handle(
             "not found: try /metrics, /live or /ready\n",
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Ready until a probe fails.
+    #[derive(Default)]
+    struct Flaky {
+        down: AtomicBool,
+        probes: AtomicUsize,
+    }
+
+    impl Readiness for Arc<Flaky> {
+        fn check(&self) -> Result<(), String> {
+            if self.down.load(Ordering::Relaxed) {
+                Err("backend unreachable".into())
+            } else {
+                Ok(())
+            }
+        }
+
+        async fn probe(&self) {
+            self.probes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    struct Refuses;
+
+    impl Reload for Refuses {
+        async fn reload(&self) -> Result<(), String> {
+            Err("tls.cert: no such file".into())
+        }
+    }
+
+    async fn request(addr: SocketAddr, method: &str, path: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    /// The admin server serves whatever handles it is given: readiness
+    /// (with its probe), reload, and the registry.
+    #[tokio::test]
+    async fn serves_its_handles() {
+        let registry = Registry::new();
+        let ready_gauge = IntGauge::new("pgtls_ready", "ready").expect("gauge");
+        registry
+            .register(Box::new(ready_gauge.clone()))
+            .expect("register");
+        let flaky = Arc::new(Flaky::default());
+        let admin = Arc::new(Admin {
+            registry,
+            readiness: flaky.clone(),
+            reloader: Refuses,
+            ready_gauge,
+            refused: IntCounter::new("refused", "refused").expect("counter"),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, admin, stop.clone()));
+
+        assert!(request(addr, "GET", "/ready")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(request(addr, "GET", "/metrics")
+            .await
+            .contains("pgtls_ready 1"));
+        flaky.down.store(true, Ordering::Relaxed);
+        let ready = request(addr, "GET", "/ready").await;
+        assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+        assert!(ready.contains("not ready: backend unreachable"), "{ready}");
+        assert_eq!(flaky.probes.load(Ordering::Relaxed), 2, "probed per /ready");
+        assert!(request(addr, "GET", "/metrics")
+            .await
+            .contains("pgtls_ready 0"));
+        let reload = request(addr, "POST", "/reload").await;
+        assert!(reload.starts_with("HTTP/1.1 422"), "{reload}");
+        assert!(
+            reload.contains("old configuration kept: tls.cert"),
+            "{reload}"
+        );
+        assert!(request(addr, "GET", "/reload")
+            .await
+            .starts_with("HTTP/1.1 405"));
+        assert!(request(addr, "GET", "/nope")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        stop.cancel();
+    }
 }

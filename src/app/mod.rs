@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod logging;
+mod readiness;
 pub mod reload;
 pub mod signals;
 
@@ -26,17 +27,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::app::admin::{AdminState, Readiness};
+use crate::app::admin::Admin;
 pub use crate::app::reload::{LogReloader, ReloadSource};
 use crate::backend::health::BackendHealth;
 use crate::config::{Config, ConfigError};
 use crate::conn;
-pub use crate::conn::context::Shared;
+pub use crate::conn::context::Context;
 use crate::metrics::Metrics;
 use crate::policy::cancel::CancelRegistry;
 use crate::runtime::Runtime;
+/// Descriptors kept back from client traffic (admin, reloads, cancels).
+pub use crate::sys::fdlimit::RESERVED as RESERVED_DESCRIPTORS;
 use crate::sys::fdlimit::{self, FdBudget, FdLimit};
 use crate::sys::listener::{bind, effective_backlog};
+use readiness::{ProxyReadiness, ReadyState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -64,7 +68,7 @@ impl StartError {
 /// Validated, loaded state that has not touched the network yet.
 pub struct Prepared {
     pub config: Config,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Context>,
     /// RLIMIT_NOFILE after raising it.
     pub fd_limit: FdLimit,
     /// Sessions admitted at once: `limits.max_connections`, lowered when
@@ -86,7 +90,7 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let fd_limit = FdLimit::raise();
     metrics.fd_limit.set(fd_limit.soft as i64);
     let max_sessions = fd_limit.admitted(config.limits.max_connections);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Context {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
         backend_health: BackendHealth::default(),
@@ -113,8 +117,8 @@ pub struct Handle {
     tracker: TaskTracker,
     accept_task: JoinHandle<()>,
     grace_period: Duration,
-    shared: Arc<Shared>,
-    readiness: Arc<Readiness>,
+    shared: Arc<Context>,
+    readiness: Arc<ReadyState>,
     admin_addr: Option<SocketAddr>,
     admin_stop: CancellationToken,
     reloader: Arc<crate::app::reload::Reloader>,
@@ -153,7 +157,7 @@ pub async fn serve(
         config.clone(),
         source,
     ));
-    let readiness = Arc::new(Readiness::new(config.admin.unready_after_backend_failures));
+    let readiness = Arc::new(ReadyState::new(config.admin.unready_after_backend_failures));
     let admin_stop = CancellationToken::new();
     let admin_addr = if config.admin.enabled {
         let (listener, addr) = bind(
@@ -162,11 +166,15 @@ pub async fn serve(
             crate::app::admin::BACKLOG,
         )
         .await?;
-        let state = Arc::new(AdminState {
+        let state = Arc::new(Admin {
             registry: registry.clone(),
-            readiness: readiness.clone(),
-            shared: shared.clone(),
+            readiness: ProxyReadiness {
+                state: readiness.clone(),
+                ctx: shared.clone(),
+            },
             reloader: reloader.clone(),
+            ready_gauge: shared.metrics.ready.clone(),
+            refused: shared.metrics.admin_connections_refused.clone(),
         });
         tokio::spawn(crate::app::admin::serve(
             listener,
@@ -213,11 +221,12 @@ pub async fn serve(
     if let Some(every) = config.reload.poll_interval {
         tokio::spawn(reloader.clone().poll(every, stop_accepting.clone()));
     }
-    info!(%local_addr, "listening");
     readiness
         .serving
         .store(true, std::sync::atomic::Ordering::Relaxed);
     shared.metrics.ready.set(1);
+    // Logged once ready: whoever waits for this line may connect and probe.
+    info!(%local_addr, "listening");
     Ok(Handle {
         local_addr,
         stop_accepting,
@@ -235,7 +244,7 @@ pub async fn serve(
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
     force: CancellationToken,
@@ -269,7 +278,7 @@ async fn accept_loop(
         // the reserve belongs to the admin listener and reloads.
         let Some(fd) = shared.fds.try_take() else {
             drop(tcp);
-            crate::conn::context::out_of_descriptors(&shared, "accept");
+            shared.out_of_descriptors("accept");
             continue;
         };
         // Over the limit the client still negotiates, so it can be told

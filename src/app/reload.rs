@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, SecretSource};
-use crate::conn::context::Shared;
+use crate::conn::context::Context;
 use crate::runtime::Runtime;
 
 /// Applies a new log filter; `Err` names what was wrong with it.
@@ -36,7 +36,7 @@ pub struct ReloadSource {
 type Fingerprint = Vec<Option<(std::time::SystemTime, u64, u64)>>;
 
 pub struct Reloader {
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     source: ReloadSource,
     /// The config in force; also serializes reloads.
     current: Mutex<Config>,
@@ -47,7 +47,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>, config: Config, source: ReloadSource) -> Reloader {
+    pub fn new(shared: Arc<Context>, config: Config, source: ReloadSource) -> Reloader {
         let loaded = fingerprint(source.path.as_ref(), &config);
         Reloader {
             shared,
@@ -178,4 +178,10 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         keys.push("reload.poll_interval");
     }
     keys
+}
+
+impl super::admin::Reload for Arc<Reloader> {
+    async fn reload(&self) -> Result<(), String> {
+        Reloader::reload(self).await
+    }
 }

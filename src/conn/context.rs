@@ -16,7 +16,7 @@ use crate::runtime::Runtime;
 use crate::sys::fdlimit::{self, FdBudget};
 
 /// State every session reads.
-pub struct Shared {
+pub struct Context {
     pub runtime: ArcSwap<Runtime>,
     pub metrics: Metrics,
     pub backend_health: BackendHealth,
@@ -34,20 +34,18 @@ pub struct Shared {
     pub connections_peak: crate::sys::memtrim::Watermark,
 }
 
-/// Counts and (at most every few seconds) logs a connection the proxy
-/// could not afford a descriptor for.
-pub fn out_of_descriptors(shared: &Shared, stage: &'static str) {
-    shared
-        .metrics
-        .fd_exhausted
-        .with_label_values(&[stage])
-        .inc();
-    if let Some(suppressed) = shared.fd_warning.due() {
-        warn!(
-            stage,
-            suppressed,
-            available = shared.fds.available(),
-            "out of file descriptors: refusing connections (see limits.max_connections and RLIMIT_NOFILE)"
-        );
+impl Context {
+    /// Counts and (at most every few seconds) logs a connection the proxy
+    /// could not afford a descriptor for.
+    pub fn out_of_descriptors(&self, stage: &'static str) {
+        self.metrics.fd_exhausted.with_label_values(&[stage]).inc();
+        if let Some(suppressed) = self.fd_warning.due() {
+            warn!(
+                stage,
+                suppressed,
+                available = self.fds.available(),
+                "out of file descriptors: refusing connections (see limits.max_connections and RLIMIT_NOFILE)"
+            );
+        }
     }
 }

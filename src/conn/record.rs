@@ -13,37 +13,81 @@ use std::time::Instant;
 use tracing::info;
 
 use crate::backend::Connector;
-use crate::conn::context::Shared;
-use crate::conn::negotiate::TlsInfo;
+use crate::config::BackendAuth;
+use crate::conn::context::Context;
+use crate::conn::negotiate::{Path, TlsInfo};
+
+/// How a connection ended (`pgtls_connections_closed_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientEof,
+    BackendEof,
+    Error,
+    /// The proxy's shutdown ended it (or cut it off).
+    Shutdown,
+    /// A limit: too many connections, or the idle timeout.
+    Limit,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::BackendEof => "backend_eof",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Limit => "limit",
+        }
+    }
+}
+
+/// What the connection turned out to be: the audit event's `path`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// Negotiation did not finish.
+    #[default]
+    Undecided,
+    Session(Path),
+    Cancel,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Undecided => "",
+            Kind::Session(path) => path.as_str(),
+            Kind::Cancel => "cancel",
+        }
+    }
+}
 
 pub struct SessionRecord {
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     /// The backend settings this connection uses (from its runtime).
     connector: Arc<Connector>,
     started: Instant,
     pub id: u64,
     pub peer: SocketAddr,
-    pub path: &'static str,
+    pub kind: Kind,
     pub tls: Option<TlsInfo>,
     pub identity: Option<String>,
     pub user: Option<String>,
     pub database: Option<String>,
     /// The role the session runs as once allowed (the startup user).
     pub role: Option<String>,
-    pub backend_auth: &'static str,
+    pub backend_auth: Option<BackendAuth>,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
     pub relay_started: Option<Instant>,
-    /// Closed set: client_eof, backend_eof, error, shutdown, limit. Starts
-    /// as "shutdown": a record dropped without an outcome was cut off by a
-    /// forced close.
-    pub close_reason: &'static str,
+    /// Starts as `Shutdown`: a record dropped without an outcome was cut
+    /// off by a forced close.
+    pub close_reason: CloseReason,
     pub error: Option<&'static str>,
 }
 
 impl SessionRecord {
     pub fn new(
-        shared: Arc<Shared>,
+        shared: Arc<Context>,
         connector: Arc<Connector>,
         id: u64,
         peer: SocketAddr,
@@ -59,17 +103,17 @@ impl SessionRecord {
             started: Instant::now(),
             id,
             peer,
-            path: "",
+            kind: Kind::Undecided,
             tls: None,
             identity: None,
             user: None,
             database: None,
             role: None,
-            backend_auth: "",
+            backend_auth: None,
             bytes_client_to_backend: 0,
             bytes_backend_to_client: 0,
             relay_started: None,
-            close_reason: "shutdown",
+            close_reason: CloseReason::Shutdown,
             error: None,
         }
     }
@@ -80,7 +124,7 @@ impl Drop for SessionRecord {
         let m = &self.shared.metrics;
         m.connections_active.dec();
         m.connections_closed
-            .with_label_values(&[self.close_reason])
+            .with_label_values(&[self.close_reason.as_str()])
             .inc();
         // Relayed bytes were published by the relay itself, as they moved.
         if let Some(t) = self.relay_started {
@@ -93,7 +137,7 @@ impl Drop for SessionRecord {
             event = "session_end",
             conn_id = self.id,
             peer = %self.peer,
-            path = self.path,
+            path = self.kind.as_str(),
             sni = tls.sni.as_deref().unwrap_or(""),
             tls_version = tls.version,
             cipher = tls.cipher,
@@ -102,13 +146,13 @@ impl Drop for SessionRecord {
             user = self.user.as_deref().unwrap_or(""),
             database = self.database.as_deref().unwrap_or(""),
             role = self.role.as_deref().unwrap_or(""),
-            backend_auth = self.backend_auth,
+            backend_auth = self.backend_auth.map_or("", BackendAuth::as_str),
             backend = backend.address(),
             backend_sslmode = backend.sslmode().as_str(),
             duration_ms = self.started.elapsed().as_millis() as u64,
             bytes_client_to_backend = self.bytes_client_to_backend,
             bytes_backend_to_client = self.bytes_backend_to_client,
-            close_reason = self.close_reason,
+            close_reason = self.close_reason.as_str(),
             error = self.error.unwrap_or(""),
             "session ended"
         );

@@ -18,8 +18,6 @@ const SESSION_CACHE_SIZE: usize = 4096;
 /// The server certificate as loaded, for summaries and metrics.
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
-    pub leaf: CertSummary,
-    pub chain_len: usize,
     /// Every certificate served (leaf first), for expiry metrics.
     pub chain: Vec<CertSummary>,
     pub client_auth: Option<ClientAuthSetup>,
@@ -61,7 +59,6 @@ pub fn build(
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
-    let chain_len = chain.len();
     let summaries = chain
         .iter()
         .map(|c| CertSummary::parse(c).map_err(|r| FileError::new("tls.cert", cert_path, r)))
@@ -98,8 +95,6 @@ pub fn build(
     config.ignore_client_order = true;
     Ok(Some(ServerTls {
         config: Arc::new(config),
-        leaf,
-        chain_len,
         chain: summaries,
         client_auth,
     }))

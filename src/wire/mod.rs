@@ -18,11 +18,13 @@ pub mod replication;
 pub mod stream;
 
 pub use message::{Frame, MessageReader};
-pub use packet::{
-    parse_packet, read_packet, truncate_name, Names, NamesError, Packet, StartupPacket,
-    CANCEL_REQUEST_CODE, MAX_STARTUP_PACKET_LENGTH, NAMEDATALEN,
-};
-pub use replication::{parse_bool, Replication};
+pub use packet::{read_packet, NamesError, Packet, StartupPacket, CANCEL_REQUEST_CODE};
+pub use replication::Replication;
+// What the fuzz targets and benches check against.
+#[cfg(feature = "testing")]
+pub use packet::{parse_packet, truncate_name, Names, MAX_STARTUP_PACKET_LENGTH, NAMEDATALEN};
+#[cfg(feature = "testing")]
+pub use replication::parse_bool;
 
 /// Largest message either side may send while authentication is relayed.
 /// PostgreSQL caps auth tokens at `PG_MAX_AUTH_TOKEN_LENGTH` (65535) and

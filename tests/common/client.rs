@@ -123,17 +123,7 @@ pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
 }
 
 pub fn startup_message_version(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    out.extend(body);
-    out
+    pg_tls_proxy::wire::packet::encode_startup(version, params)
 }
 
 /// Reads one typed message: (tag, body).

@@ -159,16 +159,41 @@ pub fn config_file(
     super::write_file(&dir.join("proxy.toml"), &text, 0o644, false)
 }
 
-/// The real binary, spawned from `cmd` (which runs it) with stderr piped:
-/// the child and a channel that receives each log line.
+/// A spawned binary, killed (and reaped) when dropped, so that a failing
+/// test leaves no process behind.
+pub struct Spawned(std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The real binary, spawned from `cmd` (which runs it) with stderr piped
+/// and stdout discarded: the child and a channel that receives each log
+/// line.
 pub fn spawn_logged(
     cmd: &mut std::process::Command,
-) -> (
-    std::process::Child,
-    tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
+) -> (Spawned, tokio::sync::mpsc::UnboundedReceiver<String>) {
     use std::io::BufRead;
     let mut child = cmd
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn proxy");
@@ -182,5 +207,18 @@ pub fn spawn_logged(
             let _ = tx.send(line);
         }
     });
-    (child, rx)
+    (Spawned(child), rx)
+}
+
+/// The first `127.0.0.1:PORT` in a log line (text or JSON): where a binary
+/// started on port 0 is listening.
+pub fn logged_addr(line: &str) -> std::net::SocketAddr {
+    let at = line.find("127.0.0.1:").expect("an address in the line");
+    let rest = &line[at..];
+    let end = rest
+        .char_indices()
+        .skip("127.0.0.1:".len())
+        .find(|(_, c)| !c.is_ascii_digit())
+        .map_or(rest.len(), |(i, _)| i);
+    rest[..end].parse().expect("an address")
 }

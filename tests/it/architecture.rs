@@ -60,7 +60,9 @@ fn imports_point_down() {
     let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for file in &files {
         let module = module_of(&src, file);
-        if module == "main" || module == "lib" {
+        // `tests.rs` files are unit tests (declared `#[cfg(test)] mod tests;`).
+        let is_tests = file.file_name().is_some_and(|n| n == "tests.rs");
+        if module == "main" || module == "lib" || is_tests {
             continue;
         }
         let text = std::fs::read_to_string(file).expect("read");

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::common::client::{http, tokio_pg};
 use crate::common::pg::PgCluster;
 use crate::common::pki::Pki;
-use crate::common::proxy::spawn_logged;
-use crate::common::{free_port, write_file};
+use crate::common::proxy::{logged_addr, spawn_logged};
+use crate::common::write_file;
 use tokio::net::TcpStream;
 
 const NOFILE: u32 = 200;
@@ -40,9 +40,8 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         roles: vec![common::pg::PgRole::trust("bob")],
         ..Default::default()
     });
-    let (port, admin) = (free_port(), free_port());
     let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\nbacklog = 1000\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[limits]\nhandshake_timeout = \"30s\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n",
+        "[listen]\naddress = \"127.0.0.1:0\"\nbacklog = 1000\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[limits]\nhandshake_timeout = \"30s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
         pki.server_chain.display(),
         pki.server_key.display(),
         pg.address()
@@ -63,7 +62,7 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         text.contains("limits.max_connections = 10000 needs 20128 file descriptors"),
         "{text}"
     );
-    let sessions = (NOFILE as usize - pg_tls_proxy::sys::fdlimit::RESERVED as usize) * 9 / 20;
+    let sessions = (NOFILE as usize - pg_tls_proxy::app::RESERVED_DESCRIPTORS as usize) * 9 / 20;
     assert!(
         text.contains(&format!("admitting at most {sessions} sessions")),
         "{text}"
@@ -83,17 +82,23 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
     let (mut child, mut rx) =
         spawn_logged(limited(&format!("--config {}", file.display())).env("RUST_LOG", "info"));
     let mut log = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), async {
+    let mut admin = None;
+    let port = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = rx.recv().await {
-            let done = line.contains("listening") && !line.contains("admin");
+            let addr = line.contains("127.0.0.1:").then(|| logged_addr(&line));
+            let admin_line = line.contains("admin listening");
             log.push(line);
-            if done {
-                return;
+            match addr {
+                Some(a) if admin_line => admin = Some(a),
+                Some(a) => return a.port(),
+                None => {}
             }
         }
+        panic!("the proxy exited: {log:?}");
     })
     .await
     .expect("proxy listens");
+    let admin = admin.expect("admin listening");
 
     // The listen backlog is the configured one (ss shows it as Send-Q).
     let ss = Command::new("ss")
@@ -135,7 +140,7 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let admin_url = format!("http://127.0.0.1:{admin}");
+    let admin_url = format!("http://{admin}");
     let (status, metrics) = http("GET", &format!("{admin_url}/metrics")).await;
     assert_eq!(status, 200, "the reserve keeps /metrics answering");
     let value = |series: &str| {

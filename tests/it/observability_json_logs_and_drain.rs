@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::common::client::{http, psql, verify_full, with_cert};
 use crate::common::pg::{PgCluster, PgOptions, PgRole};
 use crate::common::pki::Pki;
-use crate::common::{free_port, write_file};
+use crate::common::proxy::logged_addr;
+use crate::common::write_file;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_audit_and_ready_on_drain() {
@@ -21,11 +22,10 @@ async fn json_logs_audit_and_ready_on_drain() {
         roles: vec![PgRole::new("alice", "TopSecret-Password-42")],
         ..Default::default()
     });
-    let (port, admin) = (free_port(), free_port());
     let toml = format!(
         r#"
 [listen]
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 [tls]
 cert = "{chain}"
 key = "{key}"
@@ -39,7 +39,7 @@ identity = "cn"
 exact = "alice"
 roles = ["alice"]
 [admin]
-address = "127.0.0.1:{admin}"
+address = "127.0.0.1:0"
 [shutdown]
 grace_period = "20s"
 [log]
@@ -59,9 +59,9 @@ level = "debug"
             .env_remove("RUST_LOG"),
     );
     let mut lines = Vec::new();
-    wait_for(&mut rx, &mut lines, "admin listening").await;
-    wait_for(&mut rx, &mut lines, "\"listening\"").await;
-    let admin_url = format!("http://127.0.0.1:{admin}");
+    let admin = logged_addr(&wait_for(&mut rx, &mut lines, "admin listening").await);
+    let port = logged_addr(&wait_for(&mut rx, &mut lines, "\"listening\"").await).port();
+    let admin_url = format!("http://{admin}");
     assert_eq!(http("GET", &format!("{admin_url}/ready")).await.0, 200);
 
     let conn = with_cert(
@@ -165,13 +165,13 @@ async fn wait_for(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
     seen: &mut Vec<String>,
     needle: &str,
-) {
+) -> String {
     tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = rx.recv().await {
             let hit = line.contains(needle);
-            seen.push(line);
+            seen.push(line.clone());
             if hit {
-                return;
+                return line;
             }
         }
         panic!(
@@ -180,5 +180,5 @@ async fn wait_for(
         );
     })
     .await
-    .unwrap_or_else(|_| panic!("no {needle:?} in time; saw:\n{}", seen.join("\n")));
+    .unwrap_or_else(|_| panic!("no {needle:?} in time; saw:\n{}", seen.join("\n")))
 }

@@ -8,16 +8,15 @@ use std::time::Duration;
 use crate::common::client::tokio_pg;
 use crate::common::pg::PgCluster;
 use crate::common::pki::Pki;
-use crate::common::{free_port, write_file};
+use crate::common::write_file;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_running_query_finish() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
     let pg = PgCluster::with_trust_roles(&["bob"]);
-    let port = free_port();
     let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        "[listen]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
         pki.server_chain.display(),
         pki.server_key.display(),
         pg.address()
@@ -29,7 +28,7 @@ async fn sigterm_lets_running_query_finish() {
             .arg(&file)
             .env("RUST_LOG", "info"),
     );
-    wait_for(&mut rx, "listening").await;
+    let port = wait_for(&mut rx, "listening local_addr").await.port();
 
     let conn = format!("host=localhost port={port} user=bob dbname=postgres sslmode=require");
     let client = tokio_pg(&conn, &pki.root_cert).await.expect("connect");
@@ -65,15 +64,23 @@ async fn sigterm_lets_running_query_finish() {
     assert!(status.success(), "exit status {status}");
 }
 
-async fn wait_for(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) {
+/// Waits for a log line; returns the address in it, if any.
+async fn wait_for(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> std::net::SocketAddr {
     tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = rx.recv().await {
             if line.contains(needle) {
-                return;
+                return if line.contains("127.0.0.1:") {
+                    common::proxy::logged_addr(&line)
+                } else {
+                    ([0, 0, 0, 0], 0).into()
+                };
             }
         }
         panic!("proxy exited before logging {needle:?}");
     })
     .await
-    .expect("log line in time");
+    .expect("log line in time")
 }

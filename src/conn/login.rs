@@ -1,0 +1,281 @@
+//! Reaching the backend and logging in: the link (TCP, TLS per sslmode)
+//! with the startup sent and a first answer, then either the proxy's own
+//! login (certificate clients of `backend_auth = "proxy"` rules) followed
+//! by AuthenticationOk to the client, or the backend's authentication
+//! relayed ([`super::auth_relay`]); both up to the backend's ReadyForQuery,
+//! under `limits.auth_timeout`.
+
+use std::time::Instant as StdInstant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::time::{timeout_at, Instant};
+use tracing::{info, warn};
+
+use super::auth_relay::{relay_authentication, ExchangeError, Outcome};
+use super::error::{Phase, SessionError};
+use super::record::CloseReason;
+use super::Conn;
+use crate::backend::login::{self, LoginError};
+use crate::backend::{BackendError, Purpose};
+use crate::config::{BackendAuth, SslMode};
+use crate::sys::fdlimit::FdPermit;
+use crate::wire::encode::{negotiate_protocol_version, AUTHENTICATION_OK};
+use crate::wire::stream::{BackendStream, ClientStream};
+use crate::wire::{MessageReader, ReadError, StartupPacket, MAX_AUTH_PHASE_MESSAGE};
+
+/// A backend that answered the startup: the link, what it has sent so far,
+/// the descriptor the link holds, and how the proxy will log in.
+pub(super) struct Link {
+    backend: BackendStream,
+    reader: MessageReader,
+    _fd: FdPermit,
+    auth: BackendAuth,
+}
+
+/// Bytes each side sent past the login, for the relay to send on first.
+pub(super) struct Surplus {
+    pub to_client: BytesMut,
+    pub to_backend: BytesMut,
+}
+
+/// How the login ended.
+pub(super) enum Login {
+    /// ReadyForQuery reached the client: relay from here.
+    Ready {
+        backend: LinkedBackend,
+        surplus: Surplus,
+    },
+    /// A peer ended the connection (the backend's refusal was relayed).
+    Ended(CloseReason),
+    /// Failed; the client may still be told why.
+    Failed(SessionError),
+}
+
+/// The backend link during the relay; holds its descriptor permit.
+pub(super) struct LinkedBackend {
+    stream: BackendStream,
+    _fd: FdPermit,
+}
+
+impl std::ops::Deref for LinkedBackend {
+    type Target = BackendStream;
+    fn deref(&self) -> &BackendStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for LinkedBackend {
+    fn deref_mut(&mut self) -> &mut BackendStream {
+        &mut self.stream
+    }
+}
+
+/// Reaching the backend means: a descriptor for the link, the link itself
+/// (TCP, and TLS per sslmode) under the handshake deadline, the startup
+/// message sent, and the server's first answer within
+/// `backend.connect_timeout`. A server that accepts connections and then
+/// says nothing is as unreachable as one that refuses them: both count as
+/// backend failures for `/ready`.
+pub(super) async fn reach_backend(
+    conn: &Conn<'_>,
+    deadline: Instant,
+    auth: BackendAuth,
+    startup: &StartupPacket,
+) -> Result<Link, SessionError> {
+    let (ctx, rt) = (conn.ctx, conn.rt);
+    let address = || rt.connector.address().to_string();
+    let Some(fd) = ctx.fds.try_take() else {
+        ctx.out_of_descriptors("backend");
+        return Err(BackendError::OutOfDescriptors(address()).into());
+    };
+    let purpose = match auth {
+        BackendAuth::Proxy => Purpose::ProxyLogin,
+        BackendAuth::Passthrough => Purpose::Passthrough,
+    };
+    let started = StdInstant::now();
+    let attempt = async {
+        let mut backend = timeout_at(deadline, rt.connector.connect(purpose))
+            .await
+            .map_err(|_| SessionError::Timeout(Phase::BackendConnect))??;
+        backend
+            .write_all(&startup.for_backend())
+            .await
+            .map_err(|e| backend_io(conn, e))?;
+        let mut reader = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
+        match tokio::time::timeout(rt.connector.connect_timeout(), reader.fill(&mut backend)).await
+        {
+            Err(_) => Err(BackendError::NoAnswer(address()).into()),
+            Ok(Err(ReadError::Eof)) => Err(BackendError::Closed(address()).into()),
+            Ok(Err(ReadError::Io(e))) => Err(backend_io(conn, e)),
+            Ok(Err(ReadError::Protocol(p))) => Err(SessionError::Protocol(p)),
+            Ok(Ok(())) => Ok((backend, reader)),
+        }
+    };
+    let result = attempt.await;
+    let sslmode = rt.connector.sslmode().as_str();
+    let m = &ctx.metrics;
+    let label = match &result {
+        Ok(_) => {
+            m.backend_connect_duration
+                .with_label_values(&[sslmode])
+                .observe(started.elapsed().as_secs_f64());
+            "ok"
+        }
+        Err(SessionError::Timeout(_)) => "timeout",
+        Err(SessionError::Backend(e)) => e.kind(),
+        Err(_) => "io",
+    };
+    m.backend_connects
+        .with_label_values(&[label, sslmode])
+        .inc();
+    if label == "fd_exhausted" {
+        ctx.out_of_descriptors("backend");
+    } else {
+        ctx.backend_health.record(label == "ok");
+    }
+    result.map(|(backend, reader)| Link {
+        backend,
+        reader,
+        _fd: fd,
+        auth,
+    })
+}
+
+/// Sends NegotiateProtocolVersion when the client asked for a minor
+/// version or `_pq_.` options we do not support, as PostgreSQL does.
+pub(super) async fn negotiate_version(
+    client: &mut ClientStream,
+    startup: &StartupPacket,
+) -> Result<(), SessionError> {
+    let options = startup.protocol_options();
+    if startup.minor == 0 && options.is_empty() {
+        return Ok(());
+    }
+    let buf = negotiate_protocol_version(options)?;
+    client.write_all(&buf).await.map_err(SessionError::ClientIo)
+}
+
+/// The login, bounded as PostgreSQL's authentication_timeout bounds it: a
+/// peer that stops answering cannot hold a session slot.
+pub(super) async fn log_in(
+    conn: &Conn<'_>,
+    client: &mut ClientStream,
+    link: Link,
+    user: &str,
+    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+) -> Login {
+    let Link {
+        mut backend,
+        reader,
+        _fd,
+        auth,
+    } = link;
+    let exchange = authenticate(conn, client, &mut backend, reader, user, auth, issue_key);
+    let outcome = match tokio::time::timeout(conn.rt.auth_timeout, exchange).await {
+        Ok(outcome) => outcome,
+        Err(_) => return Login::Failed(SessionError::Timeout(Phase::Authentication)),
+    };
+    let rt = conn.rt;
+    match outcome {
+        Ok(Outcome::Ready {
+            client_surplus,
+            backend_surplus,
+        }) => Login::Ready {
+            backend: LinkedBackend {
+                stream: backend,
+                _fd,
+            },
+            surplus: Surplus {
+                to_client: backend_surplus,
+                to_backend: client_surplus,
+            },
+        },
+        Ok(Outcome::BackendClosed) => Login::Ended(CloseReason::BackendEof),
+        Ok(Outcome::ClientClosed) => Login::Ended(CloseReason::ClientEof),
+        Err(AuthError::Relay(ExchangeError::Session(e))) => Login::Failed(e),
+        Err(AuthError::Relay(ExchangeError::BackendClosed)) => {
+            warn!("the backend closed the connection during authentication");
+            conn.ctx.backend_health.record(false);
+            Login::Failed(BackendError::Closed(rt.connector.address().to_string()).into())
+        }
+        Err(AuthError::Relay(e)) => {
+            warn!("authentication relay failed: {e}");
+            Login::Failed(backend_io(conn, std::io::Error::other(e.to_string())))
+        }
+        Err(AuthError::Login(LoginError::Refused(frame))) => {
+            let _ = client.write_all(&frame).await;
+            Login::Ended(CloseReason::BackendEof)
+        }
+        Err(AuthError::Login(source)) => {
+            warn!("proxy login failed: {source}");
+            Login::Failed(SessionError::ProxyLogin {
+                user: user.to_string(),
+                source,
+            })
+        }
+    }
+}
+
+enum AuthError {
+    Login(LoginError),
+    Relay(ExchangeError),
+}
+
+/// The proxy's own login (then AuthenticationOk to the client) or the
+/// backend's, relayed; either way up to the backend's ReadyForQuery.
+async fn authenticate(
+    conn: &Conn<'_>,
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    mut from_backend: MessageReader,
+    user: &str,
+    auth: BackendAuth,
+    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+) -> Result<Outcome, AuthError> {
+    if auth == BackendAuth::Proxy {
+        proxy_login(conn, &mut from_backend, backend, user)
+            .await
+            .map_err(AuthError::Login)?;
+        client
+            .write_all(&AUTHENTICATION_OK)
+            .await
+            .map_err(|e| AuthError::Relay(ExchangeError::Session(SessionError::ClientIo(e))))?;
+    }
+    let backend_tls = backend.is_tls();
+    relay_authentication(client, backend, from_backend, backend_tls, issue_key)
+        .await
+        .map_err(AuthError::Relay)
+}
+
+async fn proxy_login(
+    conn: &Conn<'_>,
+    reader: &mut MessageReader,
+    backend: &mut BackendStream,
+    user: &str,
+) -> Result<(), LoginError> {
+    let end_point = backend.peer_leaf().map(login::tls_server_end_point);
+    let secret = conn.rt.credentials.get(user);
+    let verified = matches!(
+        conn.rt.connector.sslmode(),
+        SslMode::VerifyCa | SslMode::VerifyFull
+    );
+    let result = login::login(reader, backend, user, secret, end_point, verified).await;
+    let logins = &conn.ctx.metrics.backend_logins;
+    match &result {
+        Ok(method) => {
+            logins.with_label_values(&[method.as_str(), "ok"]).inc();
+            info!(method = method.as_str(), "proxy logged in to the backend");
+        }
+        Err(_) => logins.with_label_values(&["unknown", "failed"]).inc(),
+    }
+    result.map(|_| ())
+}
+
+fn backend_io(conn: &Conn<'_>, source: std::io::Error) -> SessionError {
+    BackendError::Io {
+        address: conn.rt.connector.address().to_string(),
+        source,
+    }
+    .into()
+}

@@ -1,0 +1,73 @@
+//! When a relayed session counts as idle: no byte either way for
+//! `limits.idle_timeout` *and* the backend waiting on the client (its last
+//! message was ReadyForQuery, and no client byte came since). A silent
+//! long query is not idle.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use super::direction::Direction;
+
+pub(super) struct Idleness {
+    /// No timer at all when the timeout is off.
+    timer: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Bytes moved either way when the timer last fired.
+    moved_at_check: u64,
+    /// Client bytes relayed when the backend last said ReadyForQuery.
+    client_bytes_at_ready: u64,
+    /// Backend bytes relayed when that was last looked at.
+    backend_bytes_seen: u64,
+}
+
+impl Idleness {
+    pub(super) fn new(timeout: Option<Duration>) -> Idleness {
+        Idleness {
+            timer: timeout.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+            moved_at_check: 0,
+            client_bytes_at_ready: 0,
+            backend_bytes_seen: 0,
+        }
+    }
+
+    /// Notes, after each round of copying, whether the backend has just
+    /// finished a ReadyForQuery.
+    pub(super) fn observe(&mut self, up: &Direction, down: &Direction) {
+        if down.total != self.backend_bytes_seen {
+            self.backend_bytes_seen = down.total;
+            if down.after_ready_for_query() {
+                self.client_bytes_at_ready = up.total;
+            }
+        }
+    }
+
+    /// True once the session is idle; otherwise re-arms the timer when it
+    /// fired on a session that was not.
+    pub(super) fn poll_expired(
+        &mut self,
+        cx: &mut Context<'_>,
+        up: &Direction,
+        down: &Direction,
+    ) -> bool {
+        let Some((timeout, sleep)) = &mut self.timer else {
+            return false;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let moved = up.total + down.total;
+        if moved == self.moved_at_check
+            && down.after_ready_for_query()
+            && up.total == self.client_bytes_at_ready
+        {
+            return true;
+        }
+        self.moved_at_check = moved;
+        sleep.as_mut().reset(Instant::now() + *timeout);
+        let _ = sleep.as_mut().poll(cx);
+        false
+    }
+}

@@ -1,0 +1,378 @@
+//! The byte relay after authentication: copies both ways through a 16 KiB
+//! buffer per direction, propagates half-close, counts bytes, and says
+//! which side failed.
+//!
+//! A direction holds its buffer only while bytes are in flight: when a read
+//! would block with nothing left to write, the buffer goes back to a
+//! per-thread pool. Idle sessions (most of them, in a fleet) then cost no
+//! relay memory, and busy ones take pooled buffers instead of allocating:
+//! nothing is allocated per message once the pool is warm.
+//!
+//! It looks inside the stream only to follow the backend's message headers
+//! (type + length; no allocation, a few instructions per message). That
+//! lets it stop at a message boundary when it must end a session itself:
+//! at shutdown (the client then gets FATAL 57P01) or after
+//! `limits.idle_timeout` with the backend waiting on the client (57P05).
+
+mod direction;
+mod framer;
+mod idle;
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::metrics::RelayProgress;
+use direction::{Direction, Flow};
+#[cfg(feature = "testing")]
+pub use framer::Framer;
+use idle::Idleness;
+
+/// Which peer an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+/// Why the relay stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ending {
+    /// Both peers closed.
+    #[default]
+    Closed,
+    /// The proxy is shutting down; stopped at a backend message boundary.
+    Terminated,
+    /// No bytes either way for the idle timeout while the backend waited
+    /// for the client; stopped at a message boundary.
+    Idle,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} {op} failed: {source}", side.as_str())]
+pub struct RelayError {
+    pub side: Side,
+    pub op: &'static str,
+    pub source: io::Error,
+    pub stats: RelayStats,
+}
+
+/// Bytes moved, who closed first, and why it ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+    /// The side whose EOF ended the session first.
+    pub first_eof: Option<Side>,
+    pub ending: Ending,
+}
+
+/// Bytes already read, and how a relay may be ended from outside.
+#[derive(Default)]
+pub struct Options<'a> {
+    pub terminate: Option<&'a CancellationToken>,
+    pub idle_timeout: Option<Duration>,
+    /// Read from the backend past ReadyForQuery, not yet sent to the client.
+    /// Owned, so the authentication phase's buffers can be freed.
+    pub to_client: bytes::BytesMut,
+    /// Read from the client during authentication, not yet sent on.
+    pub to_backend: bytes::BytesMut,
+    /// Where bytes moved are published while the session runs.
+    pub progress: Option<RelayProgress>,
+}
+
+/// Copies until both directions have ended, either fails, or `limits`
+/// end it at a backend message boundary.
+pub async fn relay<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    limits: Options<'_>,
+) -> Result<RelayStats, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let Options {
+        terminate,
+        idle_timeout,
+        to_client,
+        to_backend,
+        progress,
+    } = limits;
+    let mut up = Direction::new(Flow::ClientToBackend, &to_backend);
+    let mut down = Direction::new(Flow::BackendToClient, &to_client);
+    // The login's buffers are freed as soon as their bytes are copied.
+    drop((to_client, to_backend));
+    let mut reported = (0u64, 0u64);
+    let report = tokio::time::sleep(RelayProgress::EVERY);
+    tokio::pin!(report);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_eof = None;
+    let mut stopping: Option<Ending> = None;
+    let never = CancellationToken::new();
+    let terminate = terminate.unwrap_or(&never).cancelled();
+    tokio::pin!(terminate);
+    let mut idle = Idleness::new(idle_timeout);
+    let stats = |up: &Direction, down: &Direction, first_eof, ending| RelayStats {
+        client_to_backend: up.total,
+        backend_to_client: down.total,
+        first_eof,
+        ending,
+    };
+    let result = poll_fn(|cx| {
+        if let Some(p) = &progress {
+            if report.as_mut().poll(cx).is_ready() {
+                p.publish(&mut reported, up.total, down.total);
+                report
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + RelayProgress::EVERY);
+                let _ = report.as_mut().poll(cx);
+            }
+        }
+        if stopping.is_none() {
+            if terminate.as_mut().poll(cx).is_ready() {
+                stopping = Some(Ending::Terminated);
+            } else if idle.poll_expired(cx, &up, &down) {
+                stopping = Some(Ending::Idle);
+            }
+        }
+        if let Some(ending) = stopping {
+            let done =
+                ready!(down.poll_to_boundary(cx, Pin::new(&mut *backend), Pin::new(&mut *client)));
+            let s = stats(&up, &down, first_eof, ending);
+            return Poll::Ready(
+                done.map(|()| s)
+                    .map_err(|f| f.into_error(Flow::BackendToClient, s)),
+            );
+        }
+        for (flow, done) in [
+            (Flow::ClientToBackend, &mut up_done),
+            (Flow::BackendToClient, &mut down_done),
+        ] {
+            if *done {
+                continue;
+            }
+            let polled = match flow {
+                Flow::ClientToBackend => {
+                    up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
+                }
+                Flow::BackendToClient => {
+                    down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
+                }
+            };
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    *done = true;
+                    first_eof.get_or_insert(flow.source());
+                }
+                Poll::Ready(Err(f)) => {
+                    let s = stats(&up, &down, first_eof, Ending::Closed);
+                    return Poll::Ready(Err(f.into_error(flow, s)));
+                }
+                Poll::Pending => {}
+            }
+        }
+        idle.observe(&up, &down);
+        if up_done && down_done {
+            Poll::Ready(Ok(stats(&up, &down, first_eof, Ending::Closed)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    if let Some(p) = &progress {
+        let s = match &result {
+            Ok(s) => s,
+            Err(e) => &e.stats,
+        };
+        p.publish(&mut reported, s.client_to_backend, s.backend_to_client);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes show in the counters while the session runs, not only at
+    /// its end, and the final count is exact.
+    #[tokio::test(start_paused = true)]
+    async fn publishes_progress_while_running() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let progress = RelayProgress {
+            client_to_backend: prometheus::IntCounter::new("up", "up").expect("counter"),
+            backend_to_client: prometheus::IntCounter::new("down", "down").expect("counter"),
+        };
+        let options = Options {
+            progress: Some(progress.clone()),
+            ..Options::default()
+        };
+        let task = tokio::spawn(async move { relay(&mut client, &mut backend, options).await });
+        client_end.write_all(&[1u8; 1000]).await.expect("write");
+        let mut got = [0u8; 1000];
+        backend_end.read_exact(&mut got).await.expect("read");
+        assert_eq!(progress.client_to_backend.get(), 0, "not yet published");
+        tokio::time::sleep(RelayProgress::EVERY + Duration::from_millis(10)).await;
+        assert_eq!(
+            progress.client_to_backend.get(),
+            1000,
+            "published while running"
+        );
+        backend_end
+            .write_all(&msg(b'Z', b"I"))
+            .await
+            .expect("write");
+        client_end.shutdown().await.expect("shutdown");
+        backend_end.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        client_end.read_to_end(&mut rest).await.expect("read");
+        drop(backend_end);
+        task.await.expect("join").expect("relay");
+        assert_eq!(progress.client_to_backend.get(), 1000);
+        assert_eq!(progress.backend_to_client.get(), 6);
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_and_half_closes() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let task =
+            tokio::spawn(async move { relay(&mut client, &mut backend, Options::default()).await });
+        let payload = vec![7u8; 100_000];
+        let p2 = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_end.write_all(&p2).await.expect("write");
+            client_end.shutdown().await.expect("shutdown");
+            let mut back = Vec::new();
+            client_end.read_to_end(&mut back).await.expect("read back");
+            back
+        });
+        let mut got = Vec::new();
+        backend_end.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, payload);
+        backend_end.write_all(b"reply").await.expect("reply");
+        backend_end.shutdown().await.expect("shutdown");
+        assert_eq!(writer.await.expect("join"), b"reply");
+        let stats = task.await.expect("join").expect("relay");
+        assert_eq!(stats.client_to_backend, 100_000);
+        assert_eq!(stats.backend_to_client, 5);
+        assert_eq!(stats.first_eof, Some(Side::Client));
+        assert_eq!(stats.ending, Ending::Closed);
+    }
+
+    #[tokio::test]
+    async fn terminate_stops_at_a_message_boundary() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client,
+                &mut backend,
+                Options {
+                    terminate: Some(&stop2),
+                    ..Options::default()
+                },
+            )
+            .await
+        });
+        // Half a DataRow is in flight when the stop comes.
+        let row = msg(b'D', &[9; 100]);
+        backend_end.write_all(&row[..40]).await.expect("first half");
+        let mut first = vec![0u8; 40];
+        client_end
+            .read_exact(&mut first)
+            .await
+            .expect("first half relayed");
+        stop.cancel();
+        backend_end
+            .write_all(&row[40..])
+            .await
+            .expect("second half");
+        backend_end
+            .write_all(&msg(b'D', &[1; 5]))
+            .await
+            .expect("next row");
+        let stats = task.await.expect("join").expect("relay");
+        assert_eq!(stats.ending, Ending::Terminated);
+        assert_eq!(
+            stats.backend_to_client,
+            row.len() as u64,
+            "exactly the whole message, no more"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_only_when_backend_waits_for_client() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client,
+                &mut backend,
+                Options {
+                    idle_timeout: Some(Duration::from_secs(60)),
+                    ..Options::default()
+                },
+            )
+            .await
+        });
+        // A query is running: silence, but the backend has not said Z.
+        client_end
+            .write_all(&msg(b'Q', b"SELECT pg_sleep(300)\0"))
+            .await
+            .expect("query");
+        let mut q = vec![0u8; 26];
+        backend_end.read_exact(&mut q).await.expect("query relayed");
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        assert!(!task.is_finished(), "a silent running query is not idle");
+        backend_end
+            .write_all(&msg(b'Z', b"I"))
+            .await
+            .expect("ready");
+        let mut z = vec![0u8; 6];
+        client_end.read_exact(&mut z).await.expect("Z relayed");
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        let stats = task.await.expect("join").expect("relay");
+        assert_eq!(stats.ending, Ending::Idle);
+    }
+
+    /// A write error blames the peer written to, a read error the peer
+    /// read from.
+    #[tokio::test]
+    async fn failing_side_is_the_peer_that_failed() {
+        let (client_end, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(1024);
+        drop(client_end);
+        let task =
+            tokio::spawn(async move { relay(&mut client, &mut backend, Options::default()).await });
+        backend_end.write_all(&msg(b'D', &[1; 10])).await.expect("write");
+        let err = task.await.expect("join").expect_err("client is gone");
+        assert_eq!((err.side, err.op), (Side::Client, "write"));
+        assert_eq!(err.stats.first_eof, Some(Side::Client));
+    }
+}
