@@ -134,7 +134,7 @@ impl SessionError {
             | SessionError::ClientIo(_)
             | SessionError::Tls(_)
             | SessionError::DirectTlsWithoutAlpn => return None,
-            SessionError::Protocol(p) => ClientError::fatal(PROTOCOL_VIOLATION, p.to_string()),
+            SessionError::Protocol(p) => p.client_error(),
             SessionError::EarlyData => ClientError::fatal(
                 PROTOCOL_VIOLATION,
                 "received unencrypted data after SSL request",

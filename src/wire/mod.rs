@@ -11,6 +11,8 @@
 //! [`MessageReader`], whose buffered surplus is handed to the relay.
 //! No sockets, no policy: bytes in, typed values out.
 
+use crate::error::{sqlstate, ClientError, UserFacing};
+
 pub mod encode;
 pub mod message;
 pub mod packet;
@@ -44,6 +46,13 @@ pub enum ProtocolError {
     MessageLength(i32),
     #[error("{0}")]
     Unexpected(&'static str),
+}
+
+impl UserFacing for ProtocolError {
+    /// FATAL 08P01 with the violation, as PostgreSQL words it.
+    fn client_error(&self) -> ClientError {
+        ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+    }
 }
 
 /// Errors reading a packet: the peer closed, I/O, or a protocol error.
