@@ -64,6 +64,8 @@ pub struct Metrics {
     pub backend_connect_duration: HistogramVec,
     pub backend_connects: IntCounterVec,
     pub backend_logins: IntCounterVec,
+    /// Password logins the proxy ran itself (`[scram] terminate`).
+    pub client_logins: IntCounterVec,
     pub bytes_relayed: IntCounterVec,
     /// The two `bytes_relayed` children, resolved once for the relay.
     pub relay_progress: RelayProgress,
@@ -229,6 +231,11 @@ impl Metrics {
             backend_logins: r.counters(
                 "pgtls_backend_logins_total",
                 "Proxy-authenticated backend logins, by method and result.",
+                &["method", "result"],
+            )?,
+            client_logins: r.counters(
+                "pgtls_client_logins_total",
+                "SCRAM logins terminated at the proxy, by the client's method and the result.",
                 &["method", "result"],
             )?,
             bytes_relayed,

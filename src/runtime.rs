@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use zeroize::Zeroizing;
 
 use crate::backend::login::Secret;
 use crate::backend::Connector;
 use crate::config::{CertKey, ClientAuthMode, Config, ConfigError, SecretSource};
 use crate::policy::rolemap::RoleMap;
+use crate::policy::scram::{userlist, Verifier};
 use crate::tls;
 use crate::tls::client_auth::CrlSummary;
 use crate::tls::pem::{CertSummary, FileError};
@@ -49,6 +51,17 @@ pub struct Runtime {
     pub client_crls: Vec<CrlSummary>,
     pub certificates: Vec<(&'static str, String, i64)>,
     pub log_level: String,
+    /// tls-server-end-point of the certificate served (SCRAM-PLUS).
+    pub server_end_point: Option<Vec<u8>>,
+    /// SCRAM terminated at the proxy (`[scram]`), when on.
+    pub scram: Option<ScramSetup>,
+}
+
+/// What SCRAM termination needs: the verifiers (from `scram.auth_file`)
+/// and the secret the mock exchange derives salts from.
+pub struct ScramSetup {
+    pub verifiers: HashMap<String, Verifier>,
+    pub mock_secret: Zeroizing<Vec<u8>>,
 }
 
 impl Runtime {
@@ -58,9 +71,10 @@ impl Runtime {
         let connector = Arc::new(Connector::new(&config.backend)?);
         let rolemap = RoleMap::compile(&config.rules)?;
         let credentials = load_credentials(config)?;
-        let (tls, client_setup, server_chain) = match server {
-            Some(s) => (Some(s.config), s.client_auth, s.chain),
-            None => (None, None, Vec::new()),
+        let scram = load_scram(config)?;
+        let (tls, client_setup, server_chain, server_end_point) = match server {
+            Some(s) => (Some(s.config), s.client_auth, s.chain, s.end_point),
+            None => (None, None, Vec::new(), None),
         };
         let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
         let certificates = certificate_expiries(config, &server_chain, &client_cas, &client_crls)?;
@@ -79,6 +93,8 @@ impl Runtime {
             client_crls,
             certificates,
             log_level: config.log.level.clone(),
+            server_end_point,
+            scram,
         })
     }
 }
@@ -119,26 +135,54 @@ fn certificate_expiries(
 /// Reads `[backend.credentials]` secrets from their files or variables.
 fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildError> {
     let mut out = HashMap::new();
-    for (role, c) in &config.backend.credentials {
-        let value = match c {
-            SecretSource::File(path) => std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| {
-                    FileError::new(
-                        "backend.credentials",
-                        path,
-                        format!("{role}: cannot read: {e}"),
-                    )
-                })?,
-            SecretSource::Env(var) => std::env::var(var).map_err(|_| {
-                BuildError::Config(ConfigError::Invalid {
-                    key: "backend.credentials",
-                    reason: format!("{role}: environment variable {var} is not set"),
-                    origin: None,
-                })
-            })?,
-        };
+    for (role, source) in &config.backend.credentials {
+        let value = read_secret(source, "backend.credentials", role)?;
         out.insert(role.clone(), Secret::new(value));
     }
     Ok(out)
+}
+
+/// A secret from its file (without the trailing newline) or variable;
+/// errors name the key and `what` (a role), never the value.
+fn read_secret(source: &SecretSource, key: &'static str, what: &str) -> Result<String, BuildError> {
+    match source {
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|e| FileError::new(key, path, format!("{what}: cannot read: {e}")).into()),
+        SecretSource::Env(var) => std::env::var(var).map_err(|_| {
+            BuildError::Config(ConfigError::Invalid {
+                key,
+                reason: format!("{what}: environment variable {var} is not set"),
+                origin: None,
+            })
+        }),
+    }
+}
+
+/// `[scram]`: the auth_file's verifiers and the mock secret. Without a
+/// configured secret, one random secret serves the whole process (so
+/// reloads keep what unknown users see).
+fn load_scram(config: &Config) -> Result<Option<ScramSetup>, BuildError> {
+    let s = &config.scram;
+    if !s.terminate {
+        return Ok(None);
+    }
+    let Some(path) = &s.auth_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| FileError::new("scram.auth_file", path, format!("cannot read: {e}")))?;
+    let verifiers =
+        userlist::parse(&text).map_err(|e| FileError::new("scram.auth_file", path, e.to_string()))?;
+    let mock_secret = match &s.mock_secret {
+        Some(source) => read_secret(source, "scram.mock_secret", "the mock secret")?.into_bytes(),
+        None => {
+            static PROCESS_SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+            PROCESS_SECRET.get_or_init(rand::random).to_vec()
+        }
+    };
+    Ok(Some(ScramSetup {
+        verifiers,
+        mock_secret: Zeroizing::new(mock_secret),
+    }))
 }

@@ -1,5 +1,5 @@
 //! Client (and backend) certificates: `identity::Identity::from_der` and
-//! `backend::login::tls_server_end_point` on arbitrary DER. Certificates
+//! `tls::end_point` on arbitrary DER. Certificates
 //! reach these only after rustls verified them, but a CA may sign odd
 //! subjects, and `explain` parses a certificate file as given.
 //!
@@ -7,16 +7,16 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pg_tls_proxy::backend::login::tls_server_end_point;
 use pg_tls_proxy::policy::identity::{Identity, IdentityKind};
 
 fuzz_target!(|der: &[u8]| {
-    let hash = tls_server_end_point(der);
-    assert!(
-        matches!(hash.len(), 32 | 48 | 64),
-        "hash of {} bytes",
-        hash.len()
-    );
+    if let Some(hash) = pg_tls_proxy::tls::end_point(der) {
+        assert!(
+            matches!(hash.len(), 32 | 48 | 64),
+            "hash of {} bytes",
+            hash.len()
+        );
+    }
     let Ok(id) = Identity::from_der(der) else {
         return;
     };

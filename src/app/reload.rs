@@ -144,6 +144,10 @@ fn fingerprint(config_path: Option<&PathBuf>, config: &Config) -> Fingerprint {
 
 fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = config_path.into_iter().cloned().collect();
+    files.extend(c.scram.auth_file.iter().cloned());
+    if let Some(SecretSource::File(path)) = &c.scram.mock_secret {
+        files.push(path.clone());
+    }
     for pair in c.tls.server.iter().chain(&c.backend.client_cert) {
         files.extend([pair.cert.clone(), pair.key.clone()]);
     }

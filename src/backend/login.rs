@@ -63,6 +63,9 @@ pub enum LoginError {
     Io(std::io::Error),
     #[error("malformed authentication message from the backend")]
     Malformed,
+    /// The backend leg of a terminated SCRAM login.
+    #[error(transparent)]
+    ScramKey(crate::policy::scram::client::BackendScramError),
 }
 
 impl From<ReadError> for LoginError {
@@ -224,21 +227,6 @@ fn sasl_mechanisms(frame: &Frame) -> Result<Vec<String>, LoginError> {
         Ok(Authentication::SASL(m)) => Ok(m),
         _ => Err(LoginError::Malformed),
     }
-}
-
-/// RFC 5929 tls-server-end-point: the certificate hashed with its signature
-/// algorithm's hash, SHA-256 for MD5/SHA-1 and anything unknown.
-pub fn tls_server_end_point(cert_der: &[u8]) -> Vec<u8> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let algorithm = match X509Certificate::from_der(cert_der) {
-        Ok((_, cert)) => match cert.signature_algorithm.algorithm.to_id_string().as_str() {
-            "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => &ring::digest::SHA384,
-            "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => &ring::digest::SHA512,
-            _ => &ring::digest::SHA256,
-        },
-        Err(_) => &ring::digest::SHA256,
-    };
-    ring::digest::digest(algorithm, cert_der).as_ref().to_vec()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod cancel;
 pub mod health;
 pub mod login;
+pub mod scram_login;
 pub mod tls;
 
 use std::time::Duration;

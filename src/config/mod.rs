@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod ops;
 mod rules;
+mod scram;
 mod tls;
 
 pub use backend::{Backend, SecretSource, SslCertScope, SslMode};
 pub use ops::{Admin, Limits, Listen, Log, LogFormat, Reload, Shutdown};
 pub use rules::{BackendAuth, IdentityKind, ReplicationRule, RuleConfig};
+pub use scram::Scram;
 pub use tls::{CertKey, ClientAuth, ClientAuthMode, CrlCheck, CrlExpired, Tls, TlsVersion};
 
 /// A section's own check: the key at fault and why.
@@ -42,6 +44,7 @@ pub struct Config {
     pub log: Log,
     pub admin: Admin,
     pub reload: Reload,
+    pub scram: Scram,
 }
 
 /// A configuration error: always names the key, and the file when there is one.
@@ -139,6 +142,7 @@ impl Config {
         self.backend.check().map_err(invalid)?;
         self.admin.check().map_err(invalid)?;
         self.limits.check().map_err(invalid)?;
+        self.scram.check().map_err(invalid)?;
         // Across sections.
         let mode = self.client_auth.effective_mode();
         if mode == ClientAuthMode::None && !self.rules.is_empty() {

@@ -45,7 +45,7 @@ pub(super) async fn relay_ended(
     match result {
         Ok(stats) => match stats.ending {
             relay::Ending::Closed => match stats.first_eof {
-                Some(relay::Side::Backend) => CloseReason::BackendEof,
+                Some(relay::Side::Backend) if !stats.client_terminated => CloseReason::BackendEof,
                 _ => CloseReason::ClientEof,
             },
             relay::Ending::Terminated => {

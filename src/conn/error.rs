@@ -74,6 +74,10 @@ pub enum SessionError {
     AdminShutdown,
     #[error("idle session timeout")]
     IdleTimeout,
+    #[error("password authentication failed for user {0:?}")]
+    PasswordFailed(String),
+    #[error("SCRAM: {0}")]
+    Scram(crate::policy::scram::ScramError),
     #[error("proxy login as {user:?} failed: {source}")]
     ProxyLogin {
         user: String,
@@ -121,6 +125,8 @@ impl SessionError {
             SessionError::BadClientCertificate(_) => "bad_certificate",
             SessionError::RoleDenied { .. } => "role_denied",
             SessionError::ProxyLogin { .. } => "proxy_login",
+            SessionError::PasswordFailed(_) => "password",
+            SessionError::Scram(_) => "scram",
             SessionError::AdminShutdown => "shutdown",
             SessionError::IdleTimeout => "idle_timeout",
         }
@@ -214,6 +220,11 @@ impl SessionError {
                     format!("certificate \"{identity}\" is not allowed to connect as role \"{user}\""),
                 ),
             },
+            SessionError::PasswordFailed(user) => ClientError::fatal(
+                INVALID_PASSWORD,
+                format!("password authentication failed for user \"{user}\""),
+            ),
+            SessionError::Scram(e) => e.client_error(),
             SessionError::ProxyLogin { user, source } => {
                 use crate::backend::login::LoginError as L;
                 match source {

@@ -16,7 +16,10 @@ use super::auth_relay::{relay_authentication, ExchangeError, Outcome};
 use super::error::{Phase, SessionError};
 use super::record::CloseReason;
 use super::Conn;
+use super::scram::Proved;
 use crate::backend::login::{self, LoginError};
+use crate::backend::scram_login;
+use crate::policy::scram::client::BackendScramError;
 use crate::backend::{BackendError, Purpose};
 use crate::config::{BackendAuth, SslMode};
 use crate::sys::fdlimit::FdPermit;
@@ -45,6 +48,8 @@ pub(super) enum Login {
     Ready {
         backend: LinkedBackend,
         surplus: Surplus,
+        /// The proxy's own login to the backend, when it ran one.
+        method: Option<&'static str>,
     },
     /// A peer ended the connection (the backend's refusal was relayed).
     Ended(CloseReason),
@@ -163,6 +168,7 @@ pub(super) async fn log_in(
     client: &mut ClientStream,
     link: Link,
     user: &str,
+    proved: Option<Proved>,
     issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
 ) -> Login {
     let Link {
@@ -171,17 +177,26 @@ pub(super) async fn log_in(
         _fd,
         auth,
     } = link;
-    let exchange = authenticate(conn, client, &mut backend, reader, user, auth, issue_key);
+    let how = match proved {
+        Some(p) => How::Scram(p),
+        None if auth == BackendAuth::Proxy => How::Proxy,
+        None => How::Relay,
+    };
+    let exchange = authenticate(conn, client, &mut backend, reader, user, how, issue_key);
     let outcome = match tokio::time::timeout(conn.rt.auth_timeout, exchange).await {
         Ok(outcome) => outcome,
         Err(_) => return Login::Failed(SessionError::Timeout(Phase::Authentication)),
     };
     let rt = conn.rt;
     match outcome {
-        Ok(Outcome::Ready {
-            client_surplus,
-            backend_surplus,
-        }) => Login::Ready {
+        Ok((
+            Outcome::Ready {
+                client_surplus,
+                backend_surplus,
+            },
+            method,
+        )) => Login::Ready {
+            method,
             backend: LinkedBackend {
                 stream: backend,
                 _fd,
@@ -191,8 +206,8 @@ pub(super) async fn log_in(
                 to_backend: client_surplus,
             },
         },
-        Ok(Outcome::BackendClosed) => Login::Ended(CloseReason::BackendEof),
-        Ok(Outcome::ClientClosed) => Login::Ended(CloseReason::ClientEof),
+        Ok((Outcome::BackendClosed, _)) => Login::Ended(CloseReason::BackendEof),
+        Ok((Outcome::ClientClosed, _)) => Login::Ended(CloseReason::ClientEof),
         Err(AuthError::Relay(ExchangeError::Session(e))) => Login::Failed(e),
         Err(AuthError::Relay(ExchangeError::BackendClosed)) => {
             warn!("the backend closed the connection during authentication");
@@ -206,6 +221,12 @@ pub(super) async fn log_in(
         Err(AuthError::Login(LoginError::Refused(frame))) => {
             let _ = client.write_all(&frame).await;
             Login::Ended(CloseReason::BackendEof)
+        }
+        // The client proved a password the backend no longer has: the
+        // client is told what a wrong password gets; the log says why.
+        Err(AuthError::Login(LoginError::ScramKey(e @ BackendScramError::VerifierMismatch { .. }))) => {
+            warn!("SCRAM login refused before sending a proof: {e}");
+            Login::Failed(SessionError::PasswordFailed(user.to_string()))
         }
         Err(AuthError::Login(source)) => {
             warn!("proxy login failed: {source}");
@@ -222,6 +243,16 @@ enum AuthError {
     Relay(ExchangeError),
 }
 
+/// How the proxy gets the client logged in.
+enum How {
+    /// The backend's own authentication, relayed.
+    Relay,
+    /// The certificate was the authentication: the proxy logs in.
+    Proxy,
+    /// SCRAM terminated: the client proved its password to the proxy.
+    Scram(Proved),
+}
+
 /// The proxy's own login (then AuthenticationOk to the client) or the
 /// backend's, relayed; either way up to the backend's ReadyForQuery.
 async fn authenticate(
@@ -230,21 +261,36 @@ async fn authenticate(
     backend: &mut BackendStream,
     mut from_backend: MessageReader,
     user: &str,
-    auth: BackendAuth,
+    how: How,
     issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
-) -> Result<Outcome, AuthError> {
-    if auth == BackendAuth::Proxy {
-        proxy_login(conn, &mut from_backend, backend, user)
-            .await
-            .map_err(AuthError::Login)?;
-        client
-            .write_all(&AUTHENTICATION_OK)
-            .await
-            .map_err(|e| AuthError::Relay(ExchangeError::Session(SessionError::ClientIo(e))))?;
+) -> Result<(Outcome, Option<&'static str>), AuthError> {
+    let mut method = None;
+    let client_io = |e| AuthError::Relay(ExchangeError::Session(SessionError::ClientIo(e)));
+    match how {
+        How::Relay => {}
+        How::Proxy => {
+            let m = proxy_login(conn, &mut from_backend, backend, user)
+                .await
+                .map_err(AuthError::Login)?;
+            method = Some(m.as_str());
+            client.write_all(&AUTHENTICATION_OK).await.map_err(client_io)?;
+        }
+        How::Scram(proved) => {
+            let m = scram_login(conn, &mut from_backend, backend, &proved)
+                .await
+                .map_err(AuthError::Login)?;
+            method = Some(m.as_str());
+            // Only now does the client learn the proxy knew its verifier.
+            client
+                .write_all(&super::scram::final_and_ok(&proved.verified.server_final))
+                .await
+                .map_err(client_io)?;
+        }
     }
     let backend_tls = backend.is_tls();
     relay_authentication(client, backend, from_backend, backend_tls, issue_key)
         .await
+        .map(|outcome| (outcome, method))
         .map_err(AuthError::Relay)
 }
 
@@ -253,8 +299,8 @@ async fn proxy_login(
     reader: &mut MessageReader,
     backend: &mut BackendStream,
     user: &str,
-) -> Result<(), LoginError> {
-    let end_point = backend.peer_leaf().map(login::tls_server_end_point);
+) -> Result<login::Method, LoginError> {
+    let end_point = backend.peer_leaf().and_then(crate::tls::end_point);
     let secret = conn.rt.credentials.get(user);
     let verified = matches!(
         conn.rt.connector.sslmode(),
@@ -269,7 +315,45 @@ async fn proxy_login(
         }
         Err(_) => logins.with_label_values(&["unknown", "failed"]).inc(),
     }
-    result.map(|_| ())
+    result
+}
+
+/// The backend's leg of a terminated SCRAM login, counted for both legs.
+async fn scram_login(
+    conn: &Conn<'_>,
+    reader: &mut MessageReader,
+    backend: &mut BackendStream,
+    proved: &Proved,
+) -> Result<login::Method, LoginError> {
+    let end_point = backend.peer_leaf().and_then(crate::tls::end_point);
+    let result = scram_login::login_with_key(
+        reader,
+        backend,
+        &proved.verified.client_key,
+        &proved.verifier,
+        end_point,
+    )
+    .await;
+    let outcome = match &result {
+        Ok(method) => {
+            conn.ctx
+                .metrics
+                .backend_logins
+                .with_label_values(&[method.as_str(), "ok"])
+                .inc();
+            info!(
+                client = proved.method(),
+                backend = method.as_str(),
+                "SCRAM terminated: client verified, proxy logged in to the backend"
+            );
+            "ok"
+        }
+        Err(LoginError::Refused(_)) => "backend_refused",
+        Err(LoginError::ScramKey(BackendScramError::VerifierMismatch { .. })) => "verifier_mismatch",
+        Err(_) => "backend_failed",
+    };
+    super::scram::count(conn, proved.method(), outcome);
+    result
 }
 
 fn backend_io(conn: &Conn<'_>, source: std::io::Error) -> SessionError {

@@ -21,6 +21,7 @@ mod login;
 pub mod negotiate;
 pub mod record;
 pub mod relay;
+mod scram;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,6 +218,20 @@ async fn session(
         }
     };
     record.backend_auth = Some(backend_auth);
+    // A password client of a terminating proxy proves its password here,
+    // before any backend link is opened for it.
+    let (proved, deadline) = match (&rt.scram, backend_auth) {
+        (Some(setup), BackendAuth::Passthrough) => {
+            let leg = scram::client_leg(conn, setup, &mut client, &user);
+            match tokio::time::timeout(rt.auth_timeout, leg).await {
+                Ok(Ok(p)) => (Some(p), Instant::now() + rt.handshake_timeout),
+                Ok(Err(e)) => return fail(e, client),
+                Err(_) => return fail(SessionError::Timeout(error::Phase::Authentication), client),
+            }
+        }
+        _ => (None, deadline),
+    };
+    let client_method = proved.as_ref().map(|p| p.method());
     let link = match login::reach_backend(conn, deadline, backend_auth, &startup).await {
         Ok(link) => link,
         Err(e) => return fail(e, client),
@@ -240,12 +255,20 @@ async fn session(
         key
     };
     let (mut backend, surplus) =
-        match login::log_in(conn, &mut client, link, &user, &mut issue_key).await {
-            Login::Ready { backend, surplus } => (backend, surplus),
+        match login::log_in(conn, &mut client, link, &user, proved, &mut issue_key).await {
+            Login::Ready {
+                backend,
+                surplus,
+                method,
+            } => {
+                record.backend_login = method;
+                (backend, surplus)
+            }
             Login::Ended(reason) => return Ok(reason),
             Login::Failed(error) => return fail(error, client),
         };
     record.role = Some(user);
+    record.client_auth = client_method;
     info!(
         backend = rt.connector.address(),
         sslmode = rt.connector.sslmode().as_str(),

@@ -76,6 +76,10 @@ pub struct SessionRecord {
     /// The role the session runs as once allowed (the startup user).
     pub role: Option<String>,
     pub backend_auth: Option<BackendAuth>,
+    /// The login the proxy ran with the client itself (SCRAM termination).
+    pub client_auth: Option<&'static str>,
+    /// The proxy's own login to the backend (proxy logins, SCRAM).
+    pub backend_login: Option<&'static str>,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
     pub relay_started: Option<Instant>,
@@ -110,11 +114,31 @@ impl SessionRecord {
             database: None,
             role: None,
             backend_auth: None,
+            client_auth: None,
+            backend_login: None,
             bytes_client_to_backend: 0,
             bytes_backend_to_client: 0,
             relay_started: None,
             close_reason: CloseReason::Shutdown,
             error: None,
+        }
+    }
+}
+
+/// `client -> backend` when the proxy ran a login on either leg, e.g.
+/// `scram-sha-256-plus -> scram-sha-256-plus`; `relayed` otherwise.
+struct AuthLegs(Option<&'static str>, Option<&'static str>);
+
+impl std::fmt::Display for AuthLegs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0, self.1) {
+            (None, None) => f.write_str("relayed"),
+            (client, backend) => write!(
+                f,
+                "{} -> {}",
+                client.unwrap_or("certificate"),
+                backend.unwrap_or("relayed")
+            ),
         }
     }
 }
@@ -147,6 +171,7 @@ impl Drop for SessionRecord {
             database = self.database.as_deref().unwrap_or(""),
             role = self.role.as_deref().unwrap_or(""),
             backend_auth = self.backend_auth.map_or("", BackendAuth::as_str),
+            auth = %AuthLegs(self.client_auth, self.backend_login),
             backend = backend.address(),
             backend_sslmode = backend.sslmode().as_str(),
             duration_ms = self.started.elapsed().as_millis() as u64,

@@ -18,6 +18,8 @@ const SESSION_CACHE_SIZE: usize = 4096;
 /// The server certificate as loaded, for summaries and metrics.
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
+    /// tls-server-end-point of the leaf served (SCRAM-PLUS), when defined.
+    pub end_point: Option<Vec<u8>>,
     /// Every certificate served (leaf first), for expiry metrics.
     pub chain: Vec<CertSummary>,
     pub client_auth: Option<ClientAuthSetup>,
@@ -37,6 +39,7 @@ pub fn build(
         return Ok(None);
     };
     let chain = pem::certs("tls.cert", cert_path)?;
+    let end_point = chain.first().and_then(|leaf| super::end_point(leaf));
     let key = pem::private_key("tls.key", key_path)?;
     let leaf =
         CertSummary::parse(&chain[0]).map_err(|r| FileError::new("tls.cert", cert_path, r))?;
@@ -95,6 +98,7 @@ pub fn build(
     config.ignore_client_order = true;
     Ok(Some(ServerTls {
         config: Arc::new(config),
+        end_point,
         chain: summaries,
         client_auth,
     }))

@@ -35,6 +35,7 @@ mod reload_certificate_rotation;
 mod reload_revocation_defeats_resumption;
 mod reload_under_pgbench;
 mod scram_channel_binding_table;
+mod scram_termination;
 mod shutdown_drain_terminates_with_57p01;
 mod sigterm_drain;
 mod tokio_postgres_over_rustls;

@@ -50,6 +50,7 @@ pub(super) struct Direction {
     need_flush: bool,
     /// Only the backend→client direction follows headers.
     framer: Option<Framer>,
+    tail: [u8; 5],
 }
 
 /// Which way bytes flow through a [`Direction`].
@@ -119,6 +120,7 @@ impl Direction {
             shut: false,
             need_flush: false,
             framer: (flow == Flow::BackendToClient).then(Framer::after_ready_for_query),
+            tail: [0; 5],
         }
     }
 
@@ -163,8 +165,17 @@ impl Direction {
         if n == 0 {
             return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
         }
+        let written = &buf[self.pos..self.pos + n];
         if let Some(f) = &mut self.framer {
-            f.step(&buf[self.pos..self.pos + n], false);
+            f.step(written, false);
+        }
+        // The last five bytes written: a client's Terminate message ends
+        // its stream.
+        if written.len() >= 5 {
+            self.tail.copy_from_slice(&written[written.len() - 5..]);
+        } else {
+            self.tail.rotate_left(written.len());
+            self.tail[5 - written.len()..].copy_from_slice(written);
         }
         self.pos += n;
         self.total += n as u64;
@@ -246,6 +257,11 @@ impl Direction {
             let end = self.pos + k;
             ready!(self.poll_write_some(cx, writer.as_mut(), end))?;
         }
+    }
+
+    /// The stream so far ends with a Terminate message (`X`, length 4).
+    pub(super) fn ends_with_terminate(&self) -> bool {
+        self.tail == *b"X\0\0\0\x04"
     }
 
     /// The last message relayed (completely) was ReadyForQuery.

@@ -78,6 +78,9 @@ pub struct RelayStats {
     pub backend_to_client: u64,
     /// The side whose EOF ended the session first.
     pub first_eof: Option<Side>,
+    /// The client's last message was Terminate: it ended the session, even
+    /// when the backend's close (its answer) arrived first.
+    pub client_terminated: bool,
     pub ending: Ending,
 }
 
@@ -131,6 +134,7 @@ where
         client_to_backend: up.total,
         backend_to_client: down.total,
         first_eof,
+        client_terminated: up.ends_with_terminate(),
         ending,
     };
     let result = poll_fn(|cx| {
@@ -374,5 +378,25 @@ mod tests {
         let err = task.await.expect("join").expect_err("client is gone");
         assert_eq!((err.side, err.op), (Side::Client, "write"));
         assert_eq!(err.stats.first_eof, Some(Side::Client));
+    }
+
+    /// psql sends Terminate and the backend closes at once: whichever EOF
+    /// the proxy sees first, the client ended the session.
+    #[tokio::test]
+    async fn a_terminate_marks_the_client_as_the_one_who_ended() {
+        let (mut client_end, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(1024);
+        let task =
+            tokio::spawn(async move { relay(&mut client, &mut backend, Options::default()).await });
+        client_end.write_all(&msg(b'X', b"")).await.expect("terminate");
+        let mut x = [0u8; 5];
+        backend_end.read_exact(&mut x).await.expect("relayed");
+        drop(backend_end);
+        let mut rest = Vec::new();
+        client_end.read_to_end(&mut rest).await.expect("closed");
+        drop(client_end);
+        let stats = task.await.expect("join").expect("relay");
+        assert_eq!(stats.first_eof, Some(Side::Backend));
+        assert!(stats.client_terminated);
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod server;
+pub mod userlist;
 
 use std::fmt;
 use std::str::FromStr;
