@@ -66,6 +66,8 @@ pub struct Metrics {
     pub backend_logins: IntCounterVec,
     /// Password logins the proxy ran itself (`[scram] terminate`).
     pub client_logins: IntCounterVec,
+    /// `[scram.auth_query]` lookups: hit, miss (queried), error.
+    pub auth_query: IntCounterVec,
     pub bytes_relayed: IntCounterVec,
     /// The two `bytes_relayed` children, resolved once for the relay.
     pub relay_progress: RelayProgress,
@@ -232,6 +234,11 @@ impl Metrics {
                 "pgtls_backend_logins_total",
                 "Proxy-authenticated backend logins, by method and result.",
                 &["method", "result"],
+            )?,
+            auth_query: r.counters(
+                "pgtls_auth_query_total",
+                "Verifier lookups of [scram.auth_query]: hit (cached), miss (queried) or error.",
+                &["result"],
             )?,
             client_logins: r.counters(
                 "pgtls_client_logins_total",

@@ -16,6 +16,7 @@ use rustls::ServerConfig;
 use zeroize::Zeroizing;
 
 use crate::backend::login::Secret;
+use crate::backend::auth_query::AuthQuery;
 use crate::backend::Connector;
 use crate::config::{CertKey, ClientAuthMode, Config, ConfigError, SecretSource};
 use crate::policy::rolemap::RoleMap;
@@ -61,6 +62,8 @@ pub struct Runtime {
 /// and the secret the mock exchange derives salts from.
 pub struct ScramSetup {
     pub verifiers: HashMap<String, Verifier>,
+    /// For users the auth_file does not list.
+    pub auth_query: Option<AuthQuery>,
     pub mock_secret: Zeroizing<Vec<u8>>,
 }
 
@@ -167,13 +170,24 @@ fn load_scram(config: &Config) -> Result<Option<ScramSetup>, BuildError> {
     if !s.terminate {
         return Ok(None);
     }
-    let Some(path) = &s.auth_file else {
-        return Ok(None);
+    let verifiers = match &s.auth_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| FileError::new("scram.auth_file", path, format!("cannot read: {e}")))?;
+            userlist::parse(&text).map_err(|e| FileError::new("scram.auth_file", path, e.to_string()))?
+        }
+        None => HashMap::new(),
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| FileError::new("scram.auth_file", path, format!("cannot read: {e}")))?;
-    let verifiers =
-        userlist::parse(&text).map_err(|e| FileError::new("scram.auth_file", path, e.to_string()))?;
+    let auth_query = match &s.auth_query {
+        Some(q) => {
+            let secret = match &q.password {
+                Some(source) => Some(Secret::new(read_secret(source, "scram.auth_query.password", &q.user)?)),
+                None => None,
+            };
+            Some(AuthQuery::new(q, &config.backend, secret)?)
+        }
+        None => None,
+    };
     let mock_secret = match &s.mock_secret {
         Some(source) => read_secret(source, "scram.mock_secret", "the mock secret")?.into_bytes(),
         None => {
@@ -183,6 +197,7 @@ fn load_scram(config: &Config) -> Result<Option<ScramSetup>, BuildError> {
     };
     Ok(Some(ScramSetup {
         verifiers,
+        auth_query,
         mock_secret: Zeroizing::new(mock_secret),
     }))
 }

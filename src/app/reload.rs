@@ -145,8 +145,11 @@ fn fingerprint(config_path: Option<&PathBuf>, config: &Config) -> Fingerprint {
 fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = config_path.into_iter().cloned().collect();
     files.extend(c.scram.auth_file.iter().cloned());
-    if let Some(SecretSource::File(path)) = &c.scram.mock_secret {
-        files.push(path.clone());
+    let auth_query_password = c.scram.auth_query.as_ref().and_then(|q| q.password.as_ref());
+    for source in c.scram.mock_secret.iter().chain(auth_query_password) {
+        if let SecretSource::File(path) = source {
+            files.push(path.clone());
+        }
     }
     for pair in c.tls.server.iter().chain(&c.backend.client_cert) {
         files.extend([pair.cert.clone(), pair.key.clone()]);

@@ -5,6 +5,7 @@
 //! any byte after the server's `S` and before its TLS handshake aborts the
 //! link ("received unencrypted data after SSL response").
 
+pub mod auth_query;
 pub mod cancel;
 pub mod health;
 pub mod login;

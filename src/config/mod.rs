@@ -21,7 +21,7 @@ mod tls;
 pub use backend::{Backend, SecretSource, SslCertScope, SslMode};
 pub use ops::{Admin, Limits, Listen, Log, LogFormat, Reload, Shutdown};
 pub use rules::{BackendAuth, IdentityKind, ReplicationRule, RuleConfig};
-pub use scram::Scram;
+pub use scram::{AuthQuery, Scram, DEFAULT_AUTH_QUERY};
 pub use tls::{CertKey, ClientAuth, ClientAuthMode, CrlCheck, CrlExpired, Tls, TlsVersion};
 
 /// A section's own check: the key at fault and why.

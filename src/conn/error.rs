@@ -78,6 +78,8 @@ pub enum SessionError {
     PasswordFailed(String),
     #[error("SCRAM: {0}")]
     Scram(crate::policy::scram::ScramError),
+    #[error("the verifier lookup (scram.auth_query) failed")]
+    VerifierLookup,
     #[error("proxy login as {user:?} failed: {source}")]
     ProxyLogin {
         user: String,
@@ -127,6 +129,7 @@ impl SessionError {
             SessionError::ProxyLogin { .. } => "proxy_login",
             SessionError::PasswordFailed(_) => "password",
             SessionError::Scram(_) => "scram",
+            SessionError::VerifierLookup => "auth_query",
             SessionError::AdminShutdown => "shutdown",
             SessionError::IdleTimeout => "idle_timeout",
         }
@@ -225,6 +228,11 @@ impl SessionError {
                 format!("password authentication failed for user \"{user}\""),
             ),
             SessionError::Scram(e) => e.client_error(),
+            SessionError::VerifierLookup => ClientError::fatal(
+                CONNECTION_FAILURE,
+                "pg-tls-proxy could not look up the role's password verifier",
+            )
+            .with_hint("The proxy's operator can see why in its log."),
             SessionError::ProxyLogin { user, source } => {
                 use crate::backend::login::LoginError as L;
                 match source {

@@ -226,6 +226,10 @@ pub(super) async fn log_in(
         // client is told what a wrong password gets; the log says why.
         Err(AuthError::Login(LoginError::ScramKey(e @ BackendScramError::VerifierMismatch { .. }))) => {
             warn!("SCRAM login refused before sending a proof: {e}");
+            // A cached verifier is stale: the next login looks it up again.
+            if let Some(query) = rt.scram.as_ref().and_then(|s| s.auth_query.as_ref()) {
+                query.forget(user);
+            }
             Login::Failed(SessionError::PasswordFailed(user.to_string()))
         }
         Err(AuthError::Login(source)) => {

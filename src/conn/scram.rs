@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::error::SessionError;
 use super::Conn;
+use crate::backend::auth_query::Source;
 use crate::policy::scram::server::{Finished, ServerExchange, Verified};
 use crate::policy::scram::{Verifier, SCRAM_SHA_256_PLUS};
 #[cfg(test)]
@@ -60,7 +61,28 @@ pub(super) async fn client_leg(
     client: &mut ClientStream,
     user: &str,
 ) -> Result<Proved, SessionError> {
-    let known = setup.verifiers.get(user).cloned();
+    let known = match (setup.verifiers.get(user), &setup.auth_query) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(query)) => {
+            let m = &conn.ctx.metrics.auth_query;
+            match query.lookup(user, conn.rt.auth_timeout).await {
+                Ok((v, Source::Cache)) => {
+                    m.with_label_values(&["hit"]).inc();
+                    v
+                }
+                Ok((v, Source::Query)) => {
+                    m.with_label_values(&["miss"]).inc();
+                    v
+                }
+                Err(e) => {
+                    m.with_label_values(&["error"]).inc();
+                    warn!("verifier lookup failed: {e}");
+                    return Err(SessionError::VerifierLookup);
+                }
+            }
+        }
+        (None, None) => None,
+    };
     let unknown = known.is_none();
     let end_point = client.is_tls().then(|| conn.rt.server_end_point.clone()).flatten();
     let mut exchange = ServerExchange::new(known, Verifier::mock(user, &setup.mock_secret), end_point);

@@ -259,9 +259,8 @@ fn pairs_well_formed(mut rest: &[u8]) -> bool {
 }
 
 /// Encodes a StartupMessage: version, then name/value C strings and the
-/// terminating empty name. Tests, benches and the fuzz seeds build their
-/// startups with it (one encoder, not one per harness).
-#[cfg(any(test, feature = "testing"))]
+/// terminating empty name. The proxy's auth_query link, the tests and the
+/// benches build their startups with it (one encoder, not one per harness).
 pub fn encode_startup(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&version.to_be_bytes());

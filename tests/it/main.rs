@@ -34,6 +34,7 @@ mod psql_verify_full_through_intermediate;
 mod reload_certificate_rotation;
 mod reload_revocation_defeats_resumption;
 mod reload_under_pgbench;
+mod scram_auth_query;
 mod scram_channel_binding_table;
 mod scram_termination;
 mod shutdown_drain_terminates_with_57p01;
