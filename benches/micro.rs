@@ -257,5 +257,58 @@ fn bench_relay(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_parsing, bench_rules, bench_tls, bench_relay);
+/// The SCRAM work of one terminated login: one exchange between the
+/// proxy's server side (the client's leg: nonce, proof check, signature)
+/// and the proxy's client side (the backend's leg: proof from the
+/// ClientKey, signature check). No PBKDF2 on either side, as in the
+/// proxy. Everything the proxy computes for a password login besides TLS
+/// and I/O.
+fn bench_scram(c: &mut Criterion) {
+    use pg_tls_proxy::policy::scram::client::{Binding, ClientExchange};
+    use pg_tls_proxy::policy::scram::server::{Finished, ServerExchange};
+    use pg_tls_proxy::policy::scram::{Verifier, SCRAM_SHA_256_PLUS};
+    let verifier = Verifier::from_password(b"secret", b"0123456789abcdef", 4096);
+    let mock = Verifier::mock("alice", b"mock");
+    let hash = vec![7u8; 32];
+    // A ClientKey, recovered once the way the proxy recovers it.
+    let key = {
+        let mut s = ServerExchange::new(Some(verifier.clone()), mock.clone(), None);
+        let mut client = postgres_protocol::authentication::sasl::ScramSha256::new(
+            b"secret",
+            postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
+        );
+        let first = s.first("SCRAM-SHA-256", client.message()).expect("first");
+        client.update(first.as_bytes()).expect("update");
+        match s.finish(client.message()).expect("finish") {
+            Finished::Verified(v) => v.client_key,
+            Finished::Failed => panic!("refused"),
+        }
+    };
+    let mut g = c.benchmark_group("scram");
+    g.bench_function("one terminated login (client leg + backend leg)", |b| {
+        b.iter(|| {
+            let mut server =
+                ServerExchange::new(Some(verifier.clone()), mock.clone(), Some(hash.clone()));
+            let (mut client, mechanism, first) =
+                ClientExchange::start(&key, &verifier, Binding::Plus(hash.clone()));
+            assert_eq!(mechanism, SCRAM_SHA_256_PLUS);
+            let sf = server.first(mechanism, first.as_bytes()).expect("first");
+            let cf = client.respond(sf.as_bytes()).expect("respond");
+            match server.finish(cf.as_bytes()).expect("finish") {
+                Finished::Verified(v) => client.verify(v.server_final.as_bytes()).expect("verify"),
+                Finished::Failed => panic!("refused"),
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_parsing,
+    bench_rules,
+    bench_tls,
+    bench_relay,
+    bench_scram
+);
 criterion_main!(benches);

@@ -11,6 +11,8 @@
 #   2. starts a throwaway PostgreSQL cluster (random ports, temp dir, SCRAM),
 #   3. writes a PKI with `pg-tls-proxy dev-certs` (and a second, foreign CA),
 #   4. runs the proxy in the background (client_auth optional + one CN rule),
+#      and a second one that terminates SCRAM ([scram] auth_file) and reaches
+#      PostgreSQL over verify-full TLS (the "scram-login" case of each client),
 #   5. runs every case of every client, each under `timeout 60`, printing one
 #      line per case: "<client> <case>: ok | FAIL <reason> | skip <reason>",
 #   6. prints the details each case recorded (error texts, TLS versions) and
@@ -128,19 +130,28 @@ if [ "$(id -u)" = 0 ]; then
   chown postgres:postgres "$work/pg"
 fi
 proxy_pid=""
+scram_pid=""
 cleanup() {
-  if [ -n "$proxy_pid" ]; then
-    kill -INT "$proxy_pid" 2>/dev/null     # SIGINT: close everything now (SIGTERM would drain)
-    wait "$proxy_pid" 2>/dev/null
-  fi
+  for pid in $proxy_pid $scram_pid; do
+    kill -INT "$pid" 2>/dev/null     # SIGINT: close everything now (SIGTERM would drain)
+    wait "$pid" 2>/dev/null
+  done
   "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1
   if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work dir kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# ---------------------------------------------------------------------------
+# 2. PKI: the proxy's CA, server cert (localhost, 127.0.0.1), a client cert
+#    CN=certuser; and a second, unrelated CA with its own CN=certuser cert.
+# ---------------------------------------------------------------------------
+"$proxy" dev-certs --out "$work/pki" --client certuser >/dev/null || die "dev-certs failed"
+"$proxy" dev-certs --out "$work/foreign" --client certuser >/dev/null || die "dev-certs (foreign CA) failed"
+
 free_port() { "$vpy" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
+scram_port=$(free_port); scram_admin_port=$(free_port)
 
 log "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$pg_port"
 "${as_pg[@]}" "$bindir/initdb" -D "$work/pg/data" -U postgres -A trust --no-sync -E UTF8 --locale=C >/dev/null \
@@ -152,7 +163,16 @@ unix_socket_directories = '$work/pg'
 password_encryption = 'scram-sha-256'
 fsync = off
 log_connections = on
+ssl = on
+ssl_cert_file = '$work/pg/server.crt'
+ssl_key_file = '$work/pg/server.key'
 CONF
+# PostgreSQL serves the same throwaway PKI's server certificate (its key
+# owned by the server's user, mode 0600), for the SCRAM-terminating proxy's
+# verify-full backend link.
+cp "$work/pki/server.crt" "$work/pki/server.key" "$work/pg/"
+chmod 600 "$work/pg/server.key"
+[ "$(id -u)" = 0 ] && chown postgres:postgres "$work/pg/server.crt" "$work/pg/server.key"
 # certuser has no password: only the proxy's [[rules]] let a certificate
 # holder pick it (the backend link is loopback plaintext). Everyone else
 # needs a SCRAM password.
@@ -172,12 +192,6 @@ CREATE TABLE copy_rows (client text NOT NULL, n int NOT NULL, payload text NOT N
 GRANT SELECT, INSERT ON copy_rows TO app, certuser;
 SQL
 
-# ---------------------------------------------------------------------------
-# 3. PKI: the proxy's CA, server cert (localhost, 127.0.0.1), a client cert
-#    CN=certuser; and a second, unrelated CA with its own CN=certuser cert.
-# ---------------------------------------------------------------------------
-"$proxy" dev-certs --out "$work/pki" --client certuser >/dev/null || die "dev-certs failed"
-"$proxy" dev-certs --out "$work/foreign" --client certuser >/dev/null || die "dev-certs (foreign CA) failed"
 
 # ---------------------------------------------------------------------------
 # 4. The proxy
@@ -211,10 +225,43 @@ for _ in $(seq 100); do
 done
 log "pg-tls-proxy $("$proxy" --version 2>/dev/null | awk '{print $2}') on 127.0.0.1:$proxy_port (admin $admin_port)"
 
+# A second proxy that terminates SCRAM (verifiers exported from the
+# cluster into an auth_file) and logs in to PostgreSQL over verify-full TLS.
+psql -X -q -At -h "$work/pg" -p "$pg_port" -U postgres -d postgres \
+  -c "SELECT '\"' || rolname || '\" \"' || rolpassword || '\"' FROM pg_authid WHERE rolname = 'app'" \
+  >"$work/userlist.txt" || die "exporting the verifier failed"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/mock-secret"
+cat > "$work/scram.toml" <<CONF
+[listen]
+address = "127.0.0.1:$scram_port"
+[tls]
+cert = "$work/pki/server.crt"
+key = "$work/pki/server.key"
+[backend]
+address = "127.0.0.1:$pg_port"
+sslmode = "verify-full"
+sslrootcert = "$work/pki/ca.crt"
+[scram]
+terminate = true
+auth_file = "$work/userlist.txt"
+mock_secret = { password_file = "$work/mock-secret" }
+[admin]
+address = "127.0.0.1:$scram_admin_port"
+CONF
+"$proxy" check --config "$work/scram.toml" >"$work/check-scram.txt" 2>&1 || { cat "$work/check-scram.txt" >&2; die "proxy check (scram) failed"; }
+"$proxy" --config "$work/scram.toml" >"$work/proxy-scram.log" 2>&1 &
+scram_pid=$!
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$scram_port") 2>/dev/null && break
+  kill -0 "$scram_pid" 2>/dev/null || { cat "$work/proxy-scram.log" >&2; die "the SCRAM proxy exited"; }
+  sleep 0.1
+done
+log "SCRAM-terminating pg-tls-proxy on 127.0.0.1:$scram_port (admin $scram_admin_port), verify-full to PostgreSQL"
+
 # Sum of a counter's samples whose label set contains $2 (plain HTTP/1.0 GET).
 metric() {
-  local body
-  body=$(exec 3<>"/dev/tcp/127.0.0.1/$admin_port" \
+  local body port=${3:-$admin_port}
+  body=$(exec 3<>"/dev/tcp/127.0.0.1/$port" \
          && printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && cat <&3) || { echo 0; return; }
   printf '%s\n' "$body" | tr -d '\r' \
     | awk -v n="$1" -v f="$2" 'index($0, n "{") == 1 && (f == "" || index($0, f)) { s += $NF } END { print s + 0 }'
@@ -244,13 +291,14 @@ details=()
 # alone cannot prove it (below), and prints the one result line.
 run_case() {
   local client=$1 case=$2; shift 2
-  local counter="" filter="" before=0 after out rc result reason line log_before
+  local counter="" filter="" port=$admin_port before=0 after out rc result reason line log_before
   case $case in
     mtls)         counter=pgtls_role_decisions_total;         filter='decision="allowed"' ;;
     refused-cert) counter=pgtls_tls_handshake_failures_total; filter='' ;;
     cancel)       counter=pgtls_cancel_requests_total;        filter='result="forwarded"' ;;
+    scram-login)  counter=pgtls_client_logins_total;          filter='result="ok"'; port=$scram_admin_port ;;
   esac
-  [ -n "$counter" ] && before=$(metric "$counter" "$filter")
+  [ -n "$counter" ] && before=$(metric "$counter" "$filter" "$port")
   log_before=$(wc -l < "$work/proxy.log")
   out=$(timeout 60 "$@" 2>"$work/stderr.$client.$case"); rc=$?
   result=$(printf '%s\n' "$out" | grep -m1 -E '^(ok|FAIL|skip)( |$)')
@@ -272,7 +320,7 @@ run_case() {
   # has its answer: wait up to 2 s.
   if [ "${result%% *}" = ok ] && [ -n "$counter" ]; then
     for _ in $(seq 20); do
-      after=$(metric "$counter" "$filter")
+      after=$(metric "$counter" "$filter" "$port")
       [ "$after" -gt "$before" ] && break
       sleep 0.1
     done
@@ -295,6 +343,9 @@ run_case() {
         line=$(printf '%s' "$line" | sed -n 's/.* tls_version="\([^"]*\)".*/\1/p')
         details+=("$client $case: proxy received the CancelRequest ${line:+over }${line:-in plaintext}")
       fi ;;
+    scram-login)
+      line=$(grep 'pgtls::audit' "$work/proxy-scram.log" | tail -n 1 | sed -n 's/.* auth=\([^ ]* -> [^ ]*\) .*/\1/p')
+      [ -n "$line" ] && details+=("$client $case: logins $line") ;;
   esac
   case ${result%% *} in
     ok)   passed=$((passed + 1)); echo "$client $case: ok" ;;
@@ -309,27 +360,33 @@ for client in $clients; do
     psql)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case psql "$c" bash "$here/psql_cases.sh" "$c"
-      done ;;
+      done
+      run_case psql scram-login env PGT_PORT="$scram_port" bash "$here/psql_cases.sh" tls-login ;;
     psycopg)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case psycopg "$c" "$vpy" "$here/psycopg_cases.py" "$c"
-      done ;;
+      done
+      run_case psycopg scram-login env PGT_PORT="$scram_port" "$vpy" "$here/psycopg_cases.py" tls-login ;;
     asyncpg)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case asyncpg "$c" "$vpy" "$here/asyncpg_cases.py" "$c"
-      done ;;
+      done
+      run_case asyncpg scram-login env PGT_PORT="$scram_port" "$vpy" "$here/asyncpg_cases.py" tls-login ;;
     node)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case node "$c" env NODE_PATH="$cache/node/node_modules" node "$here/node_cases.js" "$c"
-      done ;;
+      done
+      run_case node scram-login env PGT_PORT="$scram_port" env NODE_PATH="$cache/node/node_modules" node "$here/node_cases.js" tls-login ;;
     jdbc)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case jdbc "$c" java -Xshare:auto -XX:TieredStopAtLevel=1 -cp "$jdbc_jar:$cache/java" JdbcCases "$c"
-      done ;;
+      done
+      run_case jdbc scram-login env PGT_PORT="$scram_port" java -Xshare:auto -XX:TieredStopAtLevel=1 -cp "$jdbc_jar:$cache/java" JdbcCases tls-login ;;
     tokio-postgres)
       for c in tls-login direct-tls mtls refused-cert cancel copy; do
         run_case tokio-postgres "$c" "$tokio_bin" "$c"
-      done ;;
+      done
+      run_case tokio-postgres scram-login env PGT_PORT="$scram_port" "$tokio_bin" tls-login ;;
     *) die "unknown client $client" ;;
   esac
 done
