@@ -145,7 +145,11 @@ fn fingerprint(config_path: Option<&PathBuf>, config: &Config) -> Fingerprint {
 fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = config_path.into_iter().cloned().collect();
     files.extend(c.scram.auth_file.iter().cloned());
-    let auth_query_password = c.scram.auth_query.as_ref().and_then(|q| q.password.as_ref());
+    let auth_query_password = c
+        .scram
+        .auth_query
+        .as_ref()
+        .and_then(|q| q.password.as_ref());
     for source in c.scram.mock_secret.iter().chain(auth_query_password) {
         if let SecretSource::File(path) = source {
             files.push(path.clone());

@@ -200,6 +200,7 @@ async fn session(
         &database,
         replication,
     );
+    let password_client = matches!(access, Ok(Access::Password));
     let backend_auth = match access {
         Ok(Access::Password) => BackendAuth::Passthrough,
         Ok(Access::Certificate {
@@ -218,10 +219,11 @@ async fn session(
         }
     };
     record.backend_auth = Some(backend_auth);
-    // A password client of a terminating proxy proves its password here,
-    // before any backend link is opened for it.
-    let (proved, deadline) = match (&rt.scram, backend_auth) {
-        (Some(setup), BackendAuth::Passthrough) => {
+    // A password client (no certificate a rule allowed) of a terminating
+    // proxy proves its password here, before any backend link is opened
+    // for it. Certificate clients keep their rule's way in.
+    let (proved, deadline) = match &rt.scram {
+        Some(setup) if password_client => {
             let leg = scram::client_leg(conn, setup, &mut client, &user);
             match tokio::time::timeout(rt.auth_timeout, leg).await {
                 Ok(Ok(p)) => (Some(p), Instant::now() + rt.handshake_timeout),

@@ -354,3 +354,63 @@ async fn raw_scram(
         .join(",");
     (sasl, shape, String::from_utf8_lossy(&err).to_string())
 }
+
+/// Password clients and certificate clients on one listener
+/// (`client_auth.mode = "optional"`): the first run SCRAM with the proxy,
+/// the second keep their rule's way in (here: relayed to a backend that
+/// trusts the role).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_and_certificate_clients_on_one_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = tls_cluster(
+        &pki,
+        &[
+            "host all certuser 127.0.0.1/32 trust",
+            "host all all 127.0.0.1/32 scram-sha-256",
+        ],
+        vec![PgRole::new("alice", "secret"), PgRole::trust("certuser")],
+        false,
+    );
+    let auth_file = write_file(
+        &dir.path().join("userlist.txt"),
+        &userlist(&pg, &["alice"]),
+        0o600,
+        false,
+    );
+    let secret = write_file(&dir.path().join("mock"), "s", 0o600, false);
+    let mut c = config(&pki, &pg.address());
+    terminating(&mut c, &auth_file, &secret);
+    crate::common::proxy::mtls(
+        &mut c,
+        &pki,
+        pg_tls_proxy::config::ClientAuthMode::Optional,
+        "[[rules]]\nidentity = \"cn\"\nexact = \"certuser\"\nroles = [\"certuser\"]\n",
+    );
+    let proxy = TestProxy::start(c).await;
+    let who = psql(
+        &verify_full(proxy.port(), "alice", &pki.root_cert),
+        Some("secret"),
+        "SELECT current_user",
+    )
+    .await;
+    assert_eq!(who.as_deref(), Ok("alice"));
+    let conn = crate::common::client::with_cert(
+        &verify_full(proxy.port(), "certuser", &pki.root_cert),
+        &pki.issue_client("certuser"),
+    );
+    assert_eq!(
+        psql(&conn, None, "SELECT current_user").await.as_deref(),
+        Ok("certuser")
+    );
+    assert_eq!(
+        proxy.metric(r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric(
+            r#"pgtls_role_decisions_total{decision="allowed",identity_kind="cn",reason="allowed"}"#
+        ),
+        1.0
+    );
+}
