@@ -243,9 +243,24 @@ def negotiate():
     write(t, "client_hello_prefix", bytes([tls]) + b"\x16\x03\x01\x00\x2a\x01\x00\x00\x26\x03\x03" + bytes(32))
 
 
+def scram():
+    t = "scram"
+    def seed(flags, first, second):
+        return bytes([flags, len(first)]) + first + second
+    final = b"c=biws,r={NONCE},p=" + b"A" * 43 + b"="
+    write(t, "plain", seed(0, b"n,,n=,r=abcdefghij", final))
+    write(t, "plus", seed(3, b"p=tls-server-end-point,,n=,r=abcdefghij",
+                           b"c=cD10bHMtc2VydmVyLWVuZC1wb2ludCwsBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=,r={NONCE},p=" + b"A" * 43 + b"="))
+    write(t, "downgrade", seed(1, b"y,,n=,r=abcdefghij", final))
+    write(t, "mock", seed(4, b"n,,n=,r=abcdefghij", b"c=biws,r={NONCE},x=ext,p=" + b"A" * 43 + b"="))
+    write(t, "authzid", seed(0, b"n,a=bob,n=,r=abc", final))
+    write(t, "server_first", seed(0, b"r={NONCE}xyz,s=MDEyMzQ1Njc4OWFiY2RlZg==,i=4096", b"v=" + b"A" * 43 + b"="))
+    write(t, "server_first_other_salt", seed(0, b"r={NONCE}xyz,s=c2FsdA==,i=4096", b"e=invalid-proof"))
+
+
 if __name__ == "__main__":
     for target in ["startup_packet", "message_reader", "relay_framer", "identity", "auth_exchange",
-                   "backend_login", "negotiate"]:
+                   "backend_login", "negotiate", "scram"]:
         shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
         globals()[target]()
     for target in sorted(os.listdir(CORPUS)):
