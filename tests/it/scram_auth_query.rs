@@ -56,6 +56,7 @@ async fn auth_query_with_security_definer_function() {
         password: Some(SecretSource::File(secret)),
         query: "SELECT username, verifier FROM pgtls.lookup($1)".into(),
         cache_ttl: Duration::from_secs(300),
+        miss_ttl: Duration::from_secs(2),
         ..AuthQuery::default()
     });
     let proxy = TestProxy::start(c).await;
