@@ -109,6 +109,15 @@ async fn auth_query_with_security_definer_function() {
         1.0
     );
     assert_eq!(login("alice", "changed").await.as_deref(), Ok("alice"));
+
+    // "No such user" is remembered for miss_ttl, then looked up again.
+    login("phantom", "boo").await.expect_err("no such role yet");
+    pg.psql("CREATE ROLE phantom LOGIN PASSWORD 'boo'");
+    login("phantom", "boo")
+        .await
+        .expect_err("the miss is still cached");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(login("phantom", "boo").await.as_deref(), Ok("phantom"));
     assert_eq!(
         proxy.metric(r#"pgtls_auth_query_total{result="error"}"#),
         0.0
