@@ -1,8 +1,12 @@
-//! Proxy-issued cancel keys. Each client gets its own random BackendKeyData
-//! (the backend's `K` is rewritten); the registry maps that key to what it
-//! stands for (a target the caller defines: the backend's key and link,
-//! [`crate::backend::cancel::CancelTarget`]). An entry lives exactly as
-//! long as its session ([`Registration`] removes it on drop).
+//! Proxy-issued cancel keys. The BackendKeyData a client sees carries the
+//! backend's real pid (clients use it as the backend's: pg_terminate_backend,
+//! NOTIFY's sender pid, pg_stat_activity) and a secret of the proxy's; the
+//! registry maps (pid, secret) to what it stands for (a target the caller
+//! defines: the backend's key and link,
+//! [`crate::backend::cancel::CancelTarget`]). Several backends may share a
+//! pid (one proxy in front of several servers): entries are told apart by
+//! their secret. An entry lives exactly as long as its session
+//! ([`Registration`] removes it on drop).
 //!
 //! A CancelRequest's key is looked up and its secret compared in constant
 //! time; unknown keys are ignored silently, as PostgreSQL does; attempts
@@ -11,12 +15,11 @@
 //!
 //! Key layout (8 bytes, as protocol 3.0's pid + secret):
 //! ```text
-//! pid:    0 | replica id (7 bits) | random (24 bits)     -- positive int32
-//! secret: random (32 bits)
+//! pid:    the backend's own pid
+//! secret: random (32 bits), never the backend's
 //! ```
-//! The replica id is 0 today. It is reserved so that a later version can
-//! route a cancel that lands on another proxy replica (behind a load
-//! balancer) to the replica that holds the session.
+//! A guess must match pid and secret: 2^32 secrets per pid, with the
+//! per-source rate limit (20 at once, then 10 per second) as the guard.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,10 +29,6 @@ use std::time::Instant;
 
 use rand::Rng;
 use tracing::debug;
-
-/// Replica id placed in bits 30..24 of every issued pid.
-pub const REPLICA_ID: i32 = 0;
-const RANDOM_PID_BITS: i32 = 0x00ff_ffff;
 
 /// Per-source cancel budget: a burst, then a steady rate.
 const CANCEL_BURST: f64 = 20.0;
@@ -44,7 +43,7 @@ struct Entry<T> {
 }
 
 struct Inner<T> {
-    sessions: Mutex<HashMap<i32, Entry<T>>>,
+    sessions: Mutex<HashMap<i32, Vec<Entry<T>>>>,
     sources: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
@@ -70,12 +69,17 @@ impl<T> Default for CancelRegistry<T> {
 pub struct Registration<T> {
     inner: Arc<Inner<T>>,
     pid: i32,
+    secret: [u8; 4],
 }
 
 impl<T> Drop for Registration<T> {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.inner.sessions.lock() {
-            map.remove(&self.pid);
+        let mut map = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entries) = map.get_mut(&self.pid) {
+            entries.retain(|e| e.secret != self.secret);
+            if entries.is_empty() {
+                map.remove(&self.pid);
+            }
         }
     }
 }
@@ -93,19 +97,20 @@ impl<T: Clone> CancelRegistry<T> {
         CancelRegistry::default()
     }
 
-    /// Issues a fresh proxy key for a target; the 8 bytes go to the client
-    /// in place of the backend's.
-    pub fn register(&self, target: T) -> ([u8; 8], Registration<T>) {
+    /// Issues the key for a session of backend `pid`: the backend's pid
+    /// and a fresh secret of ours; the 8 bytes go to the client in place
+    /// of the backend's.
+    pub fn register(&self, pid: i32, target: T) -> ([u8; 8], Registration<T>) {
         let mut rng = rand::rng();
         let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let pid = loop {
-            let pid = (REPLICA_ID << 24) | (rng.random::<i32>() & RANDOM_PID_BITS);
-            if pid != 0 && !map.contains_key(&pid) {
-                break pid;
+        let entries = map.entry(pid).or_default();
+        let secret = loop {
+            let secret: [u8; 4] = rng.random();
+            if !entries.iter().any(|e| e.secret == secret) {
+                break secret;
             }
         };
-        let secret: [u8; 4] = rng.random();
-        map.insert(pid, Entry { secret, target });
+        entries.push(Entry { secret, target });
         let mut key = [0u8; 8];
         key[..4].copy_from_slice(&pid.to_be_bytes());
         key[4..].copy_from_slice(&secret);
@@ -114,6 +119,7 @@ impl<T: Clone> CancelRegistry<T> {
             Registration {
                 inner: self.0.clone(),
                 pid,
+                secret,
             },
         )
     }
@@ -130,17 +136,21 @@ impl<T: Clone> CancelRegistry<T> {
         }
         let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
         let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&pid) {
-            Some(entry) if constant_time_eq(&entry.secret, &packet[12..16]) => {
-                (Lookup::Found, Some(entry.target.clone()))
-            }
-            _ => (Lookup::Unknown, None),
+        let found = map
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .find(|e| constant_time_eq(&e.secret, &packet[12..16]));
+        match found {
+            Some(entry) => (Lookup::Found, Some(entry.target.clone())),
+            None => (Lookup::Unknown, None),
         }
     }
 
     /// Sessions registered now.
     pub fn len(&self) -> usize {
-        self.0.sessions.lock().map(|m| m.len()).unwrap_or(0)
+        let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,7 +160,7 @@ impl<T: Clone> CancelRegistry<T> {
     /// Every registered target (to cancel all running queries at shutdown).
     pub fn targets(&self) -> Vec<T> {
         let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().map(|e| e.target.clone()).collect()
+        map.values().flatten().map(|e| e.target.clone()).collect()
     }
 
     fn allow(&self, source: IpAddr, now: Instant) -> bool {
@@ -202,10 +212,10 @@ mod tests {
     #[test]
     fn keys_map_to_backends_and_die_with_the_session() {
         let reg = CancelRegistry::new();
-        let (key, guard) = reg.register(target(4242));
+        let (key, guard) = reg.register(4242, target(4242));
         let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-        assert!(pid > 0 && pid >> 24 == REPLICA_ID);
-        assert_ne!(pid, 4242, "the backend pid is never handed out");
+        assert_eq!(pid, 4242, "the client sees the backend's pid");
+        assert_ne!(key[4..], [1, 2, 3, 4], "and never the backend's secret");
         let ip: IpAddr = "127.0.0.1".parse().expect("ip");
         let now = Instant::now();
         let (found, t) = reg.lookup(ip, &cancel_packet(&key), now);
@@ -213,13 +223,31 @@ mod tests {
         assert_eq!(t, Some(target(4242)));
         let mut wrong = key;
         wrong[7] ^= 1;
-        assert_eq!(
-            reg.lookup(ip, &cancel_packet(&wrong), now).0,
-            Lookup::Unknown
-        );
+        assert_eq!(reg.lookup(ip, &cancel_packet(&wrong), now).0, Lookup::Unknown);
         assert_eq!(reg.targets(), vec![target(4242)]);
         drop(guard);
         assert_eq!(reg.lookup(ip, &cancel_packet(&key), now).0, Lookup::Unknown);
+        assert!(reg.is_empty());
+    }
+
+    /// Two backends (two servers behind one proxy) can hand out the same
+    /// pid: each session's key finds its own backend.
+    #[test]
+    fn one_pid_on_two_backends() {
+        let reg = CancelRegistry::new();
+        let (a, ga) = reg.register(77, (77, [1; 4]));
+        let (b, gb) = reg.register(77, (77, [2; 4]));
+        assert_eq!(a[..4], b[..4]);
+        assert_ne!(a[4..], b[4..]);
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let now = Instant::now();
+        assert_eq!(reg.lookup(ip, &cancel_packet(&a), now).1, Some((77, [1; 4])));
+        assert_eq!(reg.lookup(ip, &cancel_packet(&b), now).1, Some((77, [2; 4])));
+        assert_eq!(reg.len(), 2);
+        drop(ga);
+        assert_eq!(reg.lookup(ip, &cancel_packet(&a), now).0, Lookup::Unknown);
+        assert_eq!(reg.lookup(ip, &cancel_packet(&b), now).1, Some((77, [2; 4])));
+        drop(gb);
         assert!(reg.is_empty());
     }
 

@@ -125,6 +125,9 @@ public class JdbcCases {
       if (t == null) return "FAIL connected without TLS";
       Object v = one(c, "SELECT 1");
       if (!Integer.valueOf(1).equals(v)) return "FAIL SELECT 1 returned " + v;
+      Object real = one(c, "SELECT pg_backend_pid()");
+      int seen = c.unwrap(PGConnection.class).getBackendPID();
+      if (!Integer.valueOf(seen).equals(real)) return "FAIL getBackendPID() " + seen + " is not pg_backend_pid() " + real;
       System.out.println("ok");
       System.out.println("note: pgjdbc " + org.postgresql.util.DriverInfo.DRIVER_VERSION + ", java "
           + System.getProperty("java.version") + ", " + t);

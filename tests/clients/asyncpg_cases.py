@@ -49,6 +49,8 @@ async def login(direct):
         if one != 1:
             return f"FAIL SELECT 1 returned {one!r}"
         real_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        if conn.get_server_pid() != real_pid:
+            return f"FAIL get_server_pid() {conn.get_server_pid()} is not pg_backend_pid() {real_pid}"
         print("ok")
         print(f"note: asyncpg {asyncpg.__version__}, direct_tls={direct}, {tls}")
         print(f"note: get_server_pid() {conn.get_server_pid()}, pg_backend_pid() {real_pid}")

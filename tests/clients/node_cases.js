@@ -59,6 +59,7 @@ async function login(direct) {
     if (!tls) return 'FAIL connected without TLS'
     const { rows } = await client.query('SELECT 1 AS one, pg_backend_pid() AS pid')
     if (rows[0].one !== 1) return `FAIL SELECT 1 returned ${rows[0].one}`
+    if (client.processID !== rows[0].pid) return `FAIL processID ${client.processID} is not pg_backend_pid() ${rows[0].pid}`
     console.log('ok')
     console.log(`note: pg ${pgVersion()}, node ${process.version}, sslnegotiation=${direct ? 'direct' : 'postgres'}, ${tls}`)
     console.log(`note: processID ${client.processID}, pg_backend_pid() ${rows[0].pid}`)

@@ -64,6 +64,8 @@ def login(negotiation):
         if not conn.pgconn.used_password:
             return "FAIL libpq reports that no password was used"
         real_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        if conn.info.backend_pid != real_pid:
+            return f"FAIL BackendKeyData pid {conn.info.backend_pid} is not pg_backend_pid() {real_pid}"
         print("ok")
         print(f"note: libpq {pq.version()}, sslnegotiation={negotiation}, {tls}")
         print(f"note: BackendKeyData pid {conn.info.backend_pid}, pg_backend_pid() {real_pid}")

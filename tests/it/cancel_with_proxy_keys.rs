@@ -1,7 +1,8 @@
 //! Proxy-issued cancel keys: psql's own Ctrl-C (libpq's PQcancel, a new
 //! plaintext connection) cancels a running pg_sleep through the proxy; the
-//! BackendKeyData a client sees is never the backend's; a wrong key
-//! cancels nothing and gets no reply.
+//! BackendKeyData a client sees carries the backend's own pid (so NOTIFY's
+//! sender pid and pg_terminate_backend work as against PostgreSQL) and a
+//! secret of the proxy's; a wrong key cancels nothing and gets no reply.
 
 use std::process::Command;
 use std::time::Duration;
@@ -80,7 +81,7 @@ async fn psql_ctrl_c_and_wrong_keys() {
         1.0
     );
 
-    // A raw session: the key it gets is not the backend's.
+    // A raw session: its key carries the backend's pid.
     let (mut tls, msgs) = logged_in(proxy.addr, &pki.root_cert, "bob").await;
     let key = msgs
         .iter()
@@ -95,9 +96,21 @@ async fn psql_ctrl_c_and_wrong_keys() {
     let rows = read_until_ready(&mut tls).await.expect("pid");
     let row = &rows.iter().find(|(t, _)| *t == b'D').expect("row").1;
     let real_pid: i32 = String::from_utf8_lossy(&row[6..]).parse().expect("pid");
-    assert_ne!(
-        seen_pid, real_pid,
-        "the backend's pid never reaches the client"
+    assert_eq!(seen_pid, real_pid, "the client sees the backend's pid");
+
+    // "Is this NOTIFY my own?": the sender pid is the key's pid.
+    tls.write_all(&query_message("LISTEN ch; NOTIFY ch"))
+        .await
+        .expect("query");
+    let answer = read_until_ready(&mut tls).await.expect("notify");
+    let note = &answer
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .expect("NotificationResponse")
+        .1;
+    assert_eq!(
+        i32::from_be_bytes([note[0], note[1], note[2], note[3]]),
+        seen_pid
     );
 
     // A wrong secret cancels nothing and gets no reply.
@@ -126,4 +139,17 @@ async fn psql_ctrl_c_and_wrong_keys() {
         proxy.metric(r#"pgtls_cancel_requests_total{result="unknown"}"#),
         1.0
     );
+
+    // pg_terminate_backend with the key's pid, from another session, ends
+    // this one: the client gets the backend's FATAL 57P01.
+    assert_eq!(
+        pg.psql(&format!("SELECT pg_terminate_backend({seen_pid})"))
+            .trim(),
+        "t"
+    );
+    let (tag, body) = crate::common::client::read_message(&mut tls)
+        .await
+        .expect("the backend's goodbye");
+    assert_eq!(tag, b'E');
+    assert_eq!(error_fields(&body)[&'C'], "57P01");
 }
