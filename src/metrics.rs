@@ -66,6 +66,8 @@ pub struct Metrics {
     pub backend_logins: IntCounterVec,
     /// Password logins the proxy ran itself (`[scram] terminate`).
     pub client_logins: IntCounterVec,
+    /// PROXY protocol v2 headers: ok, local, or why refused.
+    pub proxy_protocol: IntCounterVec,
     /// `[scram.auth_query]` lookups: hit, miss (queried), error.
     pub auth_query: IntCounterVec,
     pub bytes_relayed: IntCounterVec,
@@ -238,6 +240,11 @@ impl Metrics {
             auth_query: r.counters(
                 "pgtls_auth_query_total",
                 "Verifier lookups of [scram.auth_query]: hit (cached), miss (queried) or error.",
+                &["result"],
+            )?,
+            proxy_protocol: r.counters(
+                "pgtls_proxy_protocol_total",
+                "PROXY protocol v2 headers read: ok, local (health checks), or why refused (untrusted, invalid, oversized, truncated, timeout).",
                 &["result"],
             )?,
             client_logins: r.counters(

@@ -56,6 +56,8 @@ pub struct Runtime {
     pub server_end_point: Option<Vec<u8>>,
     /// SCRAM terminated at the proxy (`[scram]`), when on.
     pub scram: Option<ScramSetup>,
+    /// `listen.proxy_protocol = "required"`: the trusted networks.
+    pub proxy_trusted: Option<Vec<ipnet::IpNet>>,
 }
 
 /// What SCRAM termination needs: the verifiers (from `scram.auth_file`)
@@ -98,6 +100,8 @@ impl Runtime {
             log_level: config.log.level.clone(),
             server_end_point,
             scram,
+            proxy_trusted: (config.listen.proxy_protocol == crate::config::ProxyProtocol::Required)
+                .then(|| config.listen.proxy_trusted.clone()),
         })
     }
 }

@@ -19,7 +19,7 @@ mod scram;
 mod tls;
 
 pub use backend::{Backend, SecretSource, SslCertScope, SslMode};
-pub use ops::{Admin, Limits, Listen, Log, LogFormat, Reload, Shutdown};
+pub use ops::{Admin, Limits, Listen, Log, LogFormat, ProxyProtocol, Reload, Shutdown};
 pub use rules::{BackendAuth, IdentityKind, ReplicationRule, RuleConfig};
 pub use scram::{AuthQuery, Scram, DEFAULT_AUTH_QUERY};
 pub use tls::{CertKey, ClientAuth, ClientAuthMode, CrlCheck, CrlExpired, Tls, TlsVersion};

@@ -15,6 +15,20 @@ pub struct Listen {
     /// The listen(2) backlog: connections the kernel queues before the
     /// proxy accepts them. Linux caps it at `net.core.somaxconn`.
     pub backlog: u32,
+    /// PROXY protocol v2 before everything else: "off" or "required"
+    /// (never optional).
+    pub proxy_protocol: ProxyProtocol,
+    /// Networks a PROXY header is accepted from (the load balancers), as
+    /// CIDR; connections from anywhere else are closed.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    Required,
 }
 
 impl Default for Listen {
@@ -22,6 +36,8 @@ impl Default for Listen {
         Listen {
             address: "127.0.0.1:6432".into(),
             backlog: 1024,
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_trusted: Vec::new(),
         }
     }
 }
@@ -30,6 +46,12 @@ impl Listen {
     pub(crate) fn check(&self) -> Check {
         if self.backlog == 0 {
             return Err(("listen.backlog", "must be greater than 0".into()));
+        }
+        if self.proxy_protocol == ProxyProtocol::Required && self.proxy_trusted.is_empty() {
+            return Err((
+                "listen.proxy_trusted",
+                "is required with listen.proxy_protocol = \"required\" (the load balancers' networks, e.g. [\"10.0.0.0/8\"])".into(),
+            ));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ mod ending;
 pub mod error;
 mod login;
 pub mod negotiate;
+pub mod proxy_protocol;
 pub mod record;
 pub mod relay;
 mod scram;
@@ -60,18 +61,44 @@ struct Conn<'a> {
 /// logged once, with the reason, here. Cancel-safe: dropping the future
 /// (forced close at shutdown) still settles metrics and the audit event.
 pub async fn run(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    mut tcp: TcpStream,
+    socket_peer: SocketAddr,
     ctx: Arc<Context>,
     permit: Option<OwnedSemaphorePermit>,
     client_fd: FdPermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    // The runtime in force at accept serves this connection to its end,
+    // even across reloads.
+    let rt = ctx.runtime.load_full();
+    // One deadline from accept until the backend is reached.
+    let deadline = Instant::now() + rt.handshake_timeout;
+    // Behind a load balancer the client's address comes first, in a PROXY
+    // header; it is what logs, metrics and the cancel limiter use.
+    let (peer, via) = match &rt.proxy_trusted {
+        None => (socket_peer, None),
+        Some(trusted) => match proxy_protocol::read(&mut tcp, socket_peer, trusted, deadline).await {
+            Ok(accepted) => {
+                let (peer, label) = match accepted {
+                    proxy_protocol::Accepted::Proxied(client) => (client, "ok"),
+                    proxy_protocol::Accepted::Local => (socket_peer, "local"),
+                };
+                ctx.metrics.proxy_protocol.with_label_values(&[label]).inc();
+                (peer, Some(socket_peer))
+            }
+            Err(why) => {
+                ctx.metrics.proxy_protocol.with_label_values(&[why.as_str()]).inc();
+                tracing::warn!(id, peer = %socket_peer, reason = why.as_str(), "PROXY header refused: {why}");
+                return;
+            }
+        },
+    };
     let span = tracing::info_span!(
         "conn",
         id,
         %peer,
+        via = tracing::field::Empty,
         path = tracing::field::Empty,
         sni = tracing::field::Empty,
         tls_version = tracing::field::Empty,
@@ -80,9 +107,9 @@ pub async fn run(
         user = tracing::field::Empty,
         database = tracing::field::Empty
     );
-    // The runtime in force at accept serves this connection to its end,
-    // even across reloads.
-    let rt = ctx.runtime.load_full();
+    if let Some(via) = via {
+        span.record("via", tracing::field::display(via));
+    }
     let mut record = SessionRecord::new(ctx.clone(), rt.connector.clone(), id, peer);
     async {
         let conn = Conn {
@@ -90,7 +117,7 @@ pub async fn run(
             rt: &rt,
             peer,
         };
-        match drive(tcp, &conn, permit.is_some(), &mut record).await {
+        match drive(tcp, &conn, deadline, permit.is_some(), &mut record).await {
             Ok(reason) => record.close_reason = reason,
             Err(failed) => {
                 ending::report(&failed.error);
@@ -115,11 +142,11 @@ pub async fn run(
 async fn drive(
     tcp: TcpStream,
     conn: &Conn<'_>,
+    deadline: Instant,
     admitted: bool,
     record: &mut SessionRecord,
 ) -> Result<CloseReason, Failed> {
     let (ctx, rt) = (conn.ctx, conn.rt);
-    let deadline = Instant::now() + rt.handshake_timeout;
     let nctx = Ctx {
         tls: rt.tls.as_ref(),
         allow_plaintext: rt.allow_plaintext,
@@ -244,11 +271,12 @@ async fn session(
             stream: None,
         });
     }
-    // The client gets a key of ours; the backend's stays in the registry,
+    // The client gets the backend's pid and a secret of ours; the
+    // backend's own secret stays in the registry,
     // for exactly as long as this session.
     let mut registration = None;
     let mut issue_key = |backend_pid: i32, backend_secret: [u8; 4]| {
-        let (key, guard) = conn.ctx.cancels.register(CancelTarget {
+        let (key, guard) = conn.ctx.cancels.register(backend_pid, CancelTarget {
             backend_pid,
             backend_secret,
             connector: rt.connector.clone(),

@@ -30,6 +30,7 @@ mod negotiate_oversized_startup_and_versions;
 mod negotiate_plaintext_refused;
 mod observability_json_logs_and_drain;
 mod observability_metrics;
+mod proxy_protocol_v2;
 mod psql_verify_full_through_intermediate;
 mod reload_certificate_rotation;
 mod reload_revocation_defeats_resumption;
