@@ -58,19 +58,8 @@ async fn proxy_protocol_v2_from_trusted_balancers() {
         )
     };
     let (_child, mut rx) = start("127.0.0.0/8", "trusted.toml");
-    let mut admin = None;
-    let port = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("log line in time")
-            .expect("the proxy runs");
-        if line.contains("admin listening") {
-            admin = Some(logged_addr(&line));
-        } else if line.contains("listening local_addr") {
-            break logged_addr(&line).port();
-        }
-    };
-    let admin = admin.expect("admin address");
+    let admin = logged_addr(&line_with(&mut rx, "admin listening").await);
+    let port = logged_addr(&line_with(&mut rx, "listening local_addr").await).port();
 
     // A session through a trusted balancer: the client's address is logged.
     let mut tcp = TcpStream::connect(("127.0.0.1", port))
@@ -94,15 +83,7 @@ async fn proxy_protocol_v2_from_trusted_balancers() {
         .expect("query");
     read_until_ready(&mut tls).await.expect("answer");
     drop(tls);
-    let audit = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("audit in time")
-            .expect("the proxy runs");
-        if line.contains("session ended") {
-            break line;
-        }
-    };
+    let audit = line_with(&mut rx, "session ended").await;
     assert!(audit.contains("peer=203.0.113.7:40000"), "{audit}");
     assert!(
         audit.contains("via=127.0.0.1:"),
@@ -157,15 +138,7 @@ async fn proxy_protocol_v2_from_trusted_balancers() {
 
     // A replica that trusts only another network closes the connection.
     let (_other, mut rx) = start("10.0.0.0/8", "untrusted.toml");
-    let port = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("log line in time")
-            .expect("the proxy runs");
-        if line.contains("listening local_addr") {
-            break logged_addr(&line).port();
-        }
-    };
+    let port = logged_addr(&line_with(&mut rx, "listening local_addr").await).port();
     let mut tcp = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -173,14 +146,20 @@ async fn proxy_protocol_v2_from_trusted_balancers() {
     let mut rest = Vec::new();
     let _ = tcp.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
-    let refused = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .expect("log line in time")
-            .expect("the proxy runs");
-        if line.contains("PROXY header refused") {
-            break line;
-        }
-    };
+    let refused = line_with(&mut rx, "PROXY header refused").await;
     assert!(refused.contains("untrusted"), "{refused}");
+}
+
+/// The next log line that contains `needle`.
+async fn line_with(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the proxy exited before logging {needle:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in time"))
 }
