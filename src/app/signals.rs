@@ -1,5 +1,10 @@
 //! Signals for a running proxy: SIGHUP reloads, SIGTERM drains (see
-//! [`Handle::shutdown`]), SIGINT closes at once.
+//! [`Handle::shutdown`]), SIGINT closes at once; and what systemd is told
+//! (`Type=notify`): READY=1 once the listeners are bound, RELOADING=1 and
+//! then READY=1 around a reload, STOPPING=1 when the drain starts. Without
+//! `NOTIFY_SOCKET` (not under systemd) telling is a no-op.
+
+use sd_notify::NotifyState;
 
 use super::Handle;
 
@@ -11,23 +16,40 @@ pub async fn run(handle: Handle) -> Result<(), ()> {
         handle.abort().await;
         return Err(());
     };
+    tell(&[NotifyState::Ready, NotifyState::Status("serving")]);
     loop {
         match signals.next().await {
             Signal::Hangup => {
                 tracing::info!("SIGHUP: reloading");
-                let _ = handle.reload().await;
+                let mut reloading = vec![NotifyState::Reloading];
+                reloading.extend(NotifyState::monotonic_usec_now().ok());
+                tell(&reloading);
+                let status = match handle.reload().await {
+                    Ok(()) => "serving (reloaded)".to_string(),
+                    Err(e) => format!("serving (reload failed, old configuration kept: {e})"),
+                };
+                tell(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             Signal::Terminate => {
                 tracing::info!("SIGTERM received");
+                tell(&[NotifyState::Stopping, NotifyState::Status("draining")]);
                 handle.shutdown().await;
                 return Ok(());
             }
             Signal::Interrupt => {
                 tracing::info!("SIGINT: closing now");
+                tell(&[NotifyState::Stopping, NotifyState::Status("closing")]);
                 handle.abort().await;
                 return Ok(());
             }
         }
+    }
+}
+
+/// Tells systemd, when it listens.
+fn tell(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!("sd_notify: {e}");
     }
 }
 

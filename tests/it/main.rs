@@ -40,4 +40,5 @@ mod scram_channel_binding_table;
 mod scram_termination;
 mod shutdown_drain_terminates_with_57p01;
 mod sigterm_drain;
+mod systemd_notify;
 mod tokio_postgres_over_rustls;
