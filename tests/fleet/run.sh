@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# A fleet: three pg-tls-proxy replicas behind HAProxy (Debian's package,
+# mode tcp, round robin, send-proxy-v2, health checks on /ready), in front
+# of one throwaway PostgreSQL, all on 127.0.0.1.
+#
+#   bash tests/fleet/run.sh        # as root it installs haproxy when missing
+#
+# Cases (one line each, then "N passed, M failed"):
+#   client-address  a client's own address (its source port) is what the
+#                   replica's audit event logs as `peer`; HAProxy's
+#                   connection is `via`;
+#   round-robin     connections spread over all three replicas;
+#   drain           pgbench -C through HAProxy while one replica is sent
+#                   SIGTERM: 0 failed transactions, and the drained replica
+#                   logs its drain.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+log() { printf '== %s\n' "$*"; }
+die() { printf 'fleet: %s\n' "$*" >&2; exit 2; }
+
+if ! command -v haproxy >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || die "haproxy is missing; run as root or install it"
+  log "apt-get install haproxy"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; } \
+    || die "apt-get install haproxy failed"
+fi
+bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+proxy=${PG_TLS_PROXY_BIN:-$root/target/debug/pg-tls-proxy}
+if [ -z "${PG_TLS_PROXY_BIN:-}" ] && { [ ! -x "$proxy" ] || [ -n "$(find src Cargo.toml -newer "$proxy" -print -quit)" ]; }; then
+  cargo build --quiet --bin pg-tls-proxy || die "cargo build failed"
+fi
+
+work=$(mktemp -d /tmp/pgtls-fleet.XXXXXX); chmod 755 "$work"
+as_pg=(); [ "$(id -u)" = 0 ] && as_pg=(runuser -u postgres --)
+pids=()
+haproxy_pid=""
+cleanup() {
+  # SIGINT closes a proxy at once; background jobs of a script ignore
+  # SIGINT unless they handle it (HAProxy does not), so HAProxy gets TERM.
+  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null; done
+  [ -n "$haproxy_pid" ] && kill -TERM "$haproxy_pid" 2>/dev/null
+  wait 2>/dev/null
+  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1
+  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work dir kept: $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# PostgreSQL with a trust role (the proxy's own behaviour is what is tested).
+pg_port=$(port)
+mkdir -p "$work/pg"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$work/pg"
+"${as_pg[@]}" "$bindir/initdb" -D "$work/pg/data" -U postgres -A trust --no-sync >/dev/null || die "initdb failed"
+cat >> "$work/pg/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $pg_port
+unix_socket_directories = '$work/pg'
+fsync = off
+max_connections = 100
+CONF
+"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null || die "PostgreSQL did not start"
+psql -X -q -h "$work/pg" -p "$pg_port" -U postgres -c "CREATE ROLE bob LOGIN" || die "setup SQL failed"
+"$proxy" dev-certs --out "$work/pki" >/dev/null || die "dev-certs failed"
+
+# Three replicas, PROXY v2 required from 127.0.0.1 (HAProxy).
+declare -a dport aport
+for i in 0 1 2; do
+  dport[$i]=$(port); aport[$i]=$(port)
+  cat > "$work/r$i.toml" <<CONF
+[listen]
+address = "127.0.0.1:${dport[$i]}"
+proxy_protocol = "required"
+proxy_trusted = ["127.0.0.1/32"]
+[tls]
+cert = "$work/pki/server.crt"
+key = "$work/pki/server.key"
+[backend]
+address = "127.0.0.1:$pg_port"
+[admin]
+address = "127.0.0.1:${aport[$i]}"
+[shutdown]
+grace_period = "5s"
+CONF
+  RUST_LOG=info "$proxy" --config "$work/r$i.toml" >"$work/r$i.log" 2>&1 &
+  pids+=($!); rpid[$i]=$!
+done
+lb_port=$(port); stats_port=$(port)
+cat > "$work/haproxy.cfg" <<CONF
+global
+  maxconn 2000
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  retries 3
+  option redispatch
+frontend pg
+  bind 127.0.0.1:$lb_port
+  default_backend replicas
+backend replicas
+  balance roundrobin
+  option httpchk GET /ready
+  http-check expect status 200
+  default-server send-proxy-v2 check inter 300ms fall 1 rise 2
+  server r0 127.0.0.1:${dport[0]} port ${aport[0]}
+  server r1 127.0.0.1:${dport[1]} port ${aport[1]}
+  server r2 127.0.0.1:${dport[2]} port ${aport[2]}
+CONF
+haproxy -c -f "$work/haproxy.cfg" >/dev/null || die "haproxy config check failed"
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!
+for _ in $(seq 50); do
+  ready=0
+  for i in 0 1 2; do curl -sf "http://127.0.0.1:${aport[$i]}/ready" >/dev/null && ready=$((ready + 1)); done
+  [ "$ready" = 3 ] && (exec 3<>"/dev/tcp/127.0.0.1/$lb_port") 2>/dev/null && break
+  sleep 0.2
+done
+sleep 1   # HAProxy's checks need `rise 2`
+log "HAProxy $(haproxy -v | head -n 1 | awk '{print $3}') on 127.0.0.1:$lb_port -> replicas ${dport[*]} -> PostgreSQL 127.0.0.1:$pg_port"
+
+passed=0; failed=0
+ok()   { echo "$1: ok${2:+ ($2)}"; passed=$((passed + 1)); }
+fail() { echo "$1: FAIL $2"; failed=$((failed + 1)); }
+conn="host=localhost port=$lb_port user=bob dbname=postgres sslmode=verify-full sslrootcert=$work/pki/ca.crt"
+
+# client-address: a client with a known source port.
+cport=$(python3 - "$lb_port" "$work/pki/ca.crt" <<'PY'
+import socket, ssl, struct, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port))
+me = s.getsockname()[1]
+s.sendall(struct.pack("!ii", 8, 80877103))
+assert s.recv(1) == b"S"
+ctx = ssl.create_default_context(cafile=ca)
+t = ctx.wrap_socket(s, server_hostname="localhost")
+body = struct.pack("!i", 196608) + b"user\0bob\0database\0postgres\0\0"
+t.sendall(struct.pack("!i", len(body) + 4) + body)
+buf = b""
+while not buf.endswith(b"Z\0\0\0\x05I"):
+    chunk = t.recv(4096)
+    if not chunk:
+        sys.exit("closed before ReadyForQuery")
+    buf += chunk
+t.sendall(b"X\0\0\0\x04")
+t.close()
+print(me)
+PY
+) || cport=""
+sleep 0.5
+line=$(grep -h "session ended" "$work"/r?.log | grep "peer=127.0.0.1:$cport " | head -n 1)
+via=$(printf '%s' "$line" | sed -n 's/.* via=\(127\.0\.0\.1:[0-9]*\).*/\1/p')
+if [ -n "$cport" ] && [ -n "$line" ] && [ -n "$via" ] && [ "$via" != "127.0.0.1:$cport" ]; then
+  ok client-address "audit peer=127.0.0.1:$cport, via=$via"
+else
+  fail client-address "no audit event with peer=127.0.0.1:${cport:-?} and a via of HAProxy's"
+fi
+
+# round-robin: 6 sessions, each replica served some.
+for _ in 1 2 3 4 5 6; do psql -X -q -At "$conn" -c "SELECT 1" >/dev/null 2>&1; done
+sleep 0.5
+counts=""; spread=1
+for i in 0 1 2; do
+  n=$(grep -c "session ended" "$work/r$i.log"); counts+="r$i=$n "
+  [ "$n" -gt 0 ] || spread=0
+done
+if [ "$spread" = 1 ]; then ok round-robin "${counts% }"; else fail round-robin "not every replica served: ${counts% }"; fi
+
+# drain: pgbench -C through HAProxy, SIGTERM to r0 during it.
+echo "SELECT 1;" > "$work/select1.sql"
+PGSSLMODE=verify-full PGSSLROOTCERT="$work/pki/ca.crt" "$bindir/pgbench" -n -C -c 4 -j 2 -T 6 -f "$work/select1.sql" \
+  -h localhost -p "$lb_port" -U bob postgres >"$work/pgbench.out" 2>&1 &
+bench=$!
+sleep 2
+kill -TERM "${rpid[0]}"
+wait "$bench"; brc=$?
+done_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$work/pgbench.out")
+failed_tx=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$work/pgbench.out")
+if [ "$brc" = 0 ] && [ "${failed_tx:-0}" = 0 ] && [ "${done_tx:-0}" -gt 0 ] \
+   && grep -q "draining: stopped accepting" "$work/r0.log" && ! grep -q "aborted" "$work/pgbench.out"; then
+  ok drain "$done_tx transactions, ${failed_tx:-0} failed, r0 drained"
+else
+  fail drain "pgbench exit $brc, ${done_tx:-?} done, ${failed_tx:-?} failed: $(grep -m1 -iE 'error|abort' "$work/pgbench.out")"
+fi
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
