@@ -89,7 +89,15 @@ impl<'a> ClientExchange<'a> {
         if !nonce.starts_with(&self.client_nonce) || nonce.len() == self.client_nonce.len() || !is_printable(nonce) {
             return Err(BackendScramError::Malformed("the server nonce does not extend ours"));
         }
-        let iterations: u32 = iterations.parse().map_err(|_| BackendScramError::Malformed("iteration count"))?;
+        // RFC 5802 posit-number: no sign, no leading zero.
+        if !iterations.starts_with(|c: char| ('1'..='9').contains(&c))
+            || !iterations.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(BackendScramError::Malformed("iteration count"));
+        }
+        let iterations: u32 = iterations
+            .parse()
+            .map_err(|_| BackendScramError::Malformed("iteration count"))?;
         let salt = B64.decode(salt).map_err(|_| BackendScramError::Malformed("salt"))?;
         if iterations != self.verifier.iterations || !ct_eq(&salt, &self.verifier.salt) {
             return Err(BackendScramError::VerifierMismatch {

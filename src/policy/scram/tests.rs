@@ -152,6 +152,13 @@ fn client_key_logs_in_to_a_server_with_the_verifier() {
         c.verify(done.server_final.as_bytes()).expect("server signature");
         assert_eq!(c.verify(b"v=AAAA"), Err(BackendScramError::BadServerSignature));
     }
+    // Iteration counts are RFC 5802 posit-numbers: no sign, no leading zero.
+    for bad in ["04096", "+4096", "4096x", ""] {
+        let (mut c, _, first) = ClientExchange::start(&key, &v, Binding::None);
+        let nonce = &first[first.find("r=").expect("r=") + 2..];
+        let sf = format!("r={nonce}xyz,s={},i={bad}", B64.encode(&v.salt));
+        assert_eq!(c.respond(sf.as_bytes()), Err(BackendScramError::Malformed("iteration count")), "{bad:?}");
+    }
     // Another salt or iteration count: stop before any proof.
     let other = verifier("pw");
     let mut backend = ServerExchange::new(Some(other), Verifier::mock("a", SECRET), None);
