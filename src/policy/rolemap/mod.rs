@@ -13,6 +13,8 @@
 //! indexed (exact values in a hash map, patterns in one `RegexSet` per
 //! identity kind) so that 1,000 rules cost about as much as a few.
 
+mod template;
+
 use std::collections::HashMap;
 
 use regex::{Regex, RegexSet};
@@ -20,6 +22,7 @@ use regex::{Regex, RegexSet};
 use crate::config::{BackendAuth, ReplicationRule, RuleConfig};
 use crate::policy::identity::{Identity, IdentityKind};
 use crate::wire::Replication;
+use template::{parse_template, render, Template};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("rules[{index}].{key}: {reason}")]
@@ -34,16 +37,11 @@ enum Matcher {
     Pattern(Regex),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Group(usize),
-}
 
 struct Rule {
     kind: IdentityKind,
     matcher: Matcher,
-    roles: Vec<Vec<Part>>,
+    roles: Vec<Template>,
     databases: Option<Vec<String>>,
     backend_auth: BackendAuth,
     replication: ReplicationRule,
@@ -348,55 +346,6 @@ impl Rule {
             .as_ref()
             .is_none_or(|d| d.iter().any(|x| x == database))
     }
-}
-
-fn render(template: &[Part], groups: &[&str]) -> String {
-    let mut out = String::new();
-    for part in template {
-        match part {
-            Part::Literal(s) => out.push_str(s),
-            Part::Group(g) => out.push_str(groups.get(g - 1).copied().unwrap_or("")),
-        }
-    }
-    out
-}
-
-/// `\1`..`\9` are capture groups; `\\` is a backslash.
-fn parse_template(t: &str, groups: usize) -> Result<Vec<Part>, String> {
-    let mut parts = Vec::new();
-    let mut lit = String::new();
-    let mut chars = t.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            lit.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some(d @ '1'..='9') => {
-                let g = d as usize - '0' as usize;
-                if g > groups {
-                    return Err(format!("role template {t:?} uses \\{g} but the pattern has {groups} capture group(s)"));
-                }
-                if !lit.is_empty() {
-                    parts.push(Part::Literal(std::mem::take(&mut lit)));
-                }
-                parts.push(Part::Group(g));
-            }
-            Some('\\') => lit.push('\\'),
-            _ => {
-                return Err(format!(
-                    "role template {t:?}: a backslash must be followed by 1-9 or another backslash"
-                ))
-            }
-        }
-    }
-    if !lit.is_empty() {
-        parts.push(Part::Literal(lit));
-    }
-    if parts.is_empty() {
-        return Err("a role template cannot be empty".into());
-    }
-    Ok(parts)
 }
 
 #[cfg(test)]
