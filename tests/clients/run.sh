@@ -215,14 +215,20 @@ roles = ["certuser"]
 [admin]
 address = "127.0.0.1:$admin_port"
 CONF
+# wait_listening PORT PID LOG: until the proxy accepts on PORT (dies with
+# its log if it exits first).
+wait_listening() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "the proxy on port $1 exited"; }
+    sleep 0.1
+  done
+  die "the proxy on port $1 did not listen within 10 s"
+}
 "$proxy" check --config "$work/proxy.toml" >"$work/check.txt" 2>&1 || { cat "$work/check.txt" >&2; die "proxy check failed"; }
 "$proxy" --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$proxy_port") 2>/dev/null && break
-  kill -0 "$proxy_pid" 2>/dev/null || { cat "$work/proxy.log" >&2; die "the proxy exited"; }
-  sleep 0.1
-done
+wait_listening "$proxy_port" "$proxy_pid" "$work/proxy.log"
 log "pg-tls-proxy $("$proxy" --version 2>/dev/null | awk '{print $2}') on 127.0.0.1:$proxy_port (admin $admin_port)"
 
 # A second proxy that terminates SCRAM (verifiers exported from the
@@ -251,11 +257,7 @@ CONF
 "$proxy" check --config "$work/scram.toml" >"$work/check-scram.txt" 2>&1 || { cat "$work/check-scram.txt" >&2; die "proxy check (scram) failed"; }
 "$proxy" --config "$work/scram.toml" >"$work/proxy-scram.log" 2>&1 &
 scram_pid=$!
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$scram_port") 2>/dev/null && break
-  kill -0 "$scram_pid" 2>/dev/null || { cat "$work/proxy-scram.log" >&2; die "the SCRAM proxy exited"; }
-  sleep 0.1
-done
+wait_listening "$scram_port" "$scram_pid" "$work/proxy-scram.log"
 log "SCRAM-terminating pg-tls-proxy on 127.0.0.1:$scram_port (admin $scram_admin_port), verify-full to PostgreSQL"
 
 # Sum of a counter's samples whose label set contains $2 (plain HTTP/1.0 GET).

@@ -35,6 +35,23 @@ fn userlist(pg: &PgCluster, roles: &[&str]) -> String {
         .collect()
 }
 
+/// An auth_file with `roles`' verifiers as the cluster stores them, and a
+/// mock secret file.
+fn scram_files(
+    dir: &Path,
+    pg: &PgCluster,
+    roles: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let auth_file = write_file(
+        &dir.join("userlist.txt"),
+        &userlist(pg, roles),
+        0o600,
+        false,
+    );
+    let secret = write_file(&dir.join("mock"), "a mock secret\n", 0o600, false);
+    (auth_file, secret)
+}
+
 fn terminating(c: &mut Config, auth_file: &Path, secret: &Path) {
     c.scram.terminate = true;
     c.scram.auth_file = Some(auth_file.to_path_buf());
@@ -57,13 +74,7 @@ async fn scram_terminated_on_both_legs() {
         vec![PgRole::new("alice", "secret"), PgRole::new("bob", "bobpw")],
         false,
     );
-    let auth_file = write_file(
-        &dir.path().join("userlist.txt"),
-        &userlist(&pg, &["alice"]),
-        0o600,
-        false,
-    );
-    let secret = write_file(&dir.path().join("mock"), "a mock secret\n", 0o600, false);
+    let (auth_file, secret) = scram_files(dir.path(), &pg, &["alice"]);
 
     let mut c = config(&pki, &pg.address());
     terminating(&mut c, &auth_file, &secret);
@@ -222,13 +233,7 @@ async fn scram_protocol_errors() {
         vec![PgRole::new("alice", "secret")],
         false,
     );
-    let auth_file = write_file(
-        &dir.path().join("userlist.txt"),
-        &userlist(&pg, &["alice"]),
-        0o600,
-        false,
-    );
-    let secret = write_file(&dir.path().join("mock"), "s", 0o600, false);
+    let (auth_file, secret) = scram_files(dir.path(), &pg, &["alice"]);
     let mut c = config(&pki, &pg.address());
     terminating(&mut c, &auth_file, &secret);
     let proxy = TestProxy::start(c).await;
@@ -372,13 +377,7 @@ async fn password_and_certificate_clients_on_one_listener() {
         vec![PgRole::new("alice", "secret"), PgRole::trust("certuser")],
         false,
     );
-    let auth_file = write_file(
-        &dir.path().join("userlist.txt"),
-        &userlist(&pg, &["alice"]),
-        0o600,
-        false,
-    );
-    let secret = write_file(&dir.path().join("mock"), "s", 0o600, false);
+    let (auth_file, secret) = scram_files(dir.path(), &pg, &["alice"]);
     let mut c = config(&pki, &pg.address());
     terminating(&mut c, &auth_file, &secret);
     crate::common::proxy::mtls(
