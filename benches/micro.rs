@@ -165,7 +165,8 @@ fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
 
 fn bench_tls(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    pg_tls_proxy::cli::devcerts::write(dir.path(), &["localhost".into()], &[]).expect("dev certs");
+    pg_tls_proxy::cli::devcerts::write(dir.path(), &["localhost".into()], &[], &[])
+        .expect("dev certs");
     let tls = Tls {
         server: Some(CertKey {
             cert: dir.path().join("server.crt"),

@@ -5,7 +5,7 @@
 //! foundations (`tests/it/architecture.rs` fails on an upward import):
 //!
 //! ```text
-//! cli ─► app ─► conn ─► runtime ─► backend ─► {policy, tls} ─► {wire, config} ─► {error, metrics, sys}
+//! cli ─► app ─► conn ─► runtime ─► {backend, fleet} ─► {policy, tls} ─► {wire, config} ─► {error, metrics, sys}
 //! ```
 //!
 //! - [`cli`]: the command line (run, `check`, `explain`, `dev-certs`).
@@ -17,6 +17,8 @@
 //! - [`runtime`]: the reloadable state built from a config in one go.
 //! - [`backend`]: links to PostgreSQL (TCP, TLS per sslmode), the proxy's
 //!   own login, cancel forwarding, backend health.
+//! - [`fleet`]: the other replicas: the directory of their ids and
+//!   addresses, and sending them the cancels their keys name.
 //! - [`policy`]: certificate identities, role rules, cancel keys (pure).
 //! - [`tls`]: PEM loading, the client-facing rustls config, client
 //!   certificate verification.
@@ -49,4 +51,4 @@ macro_rules! internal {
     )*};
 }
 
-internal!(backend, conn, error, metrics, policy, runtime, sys, tls, wire);
+internal!(backend, conn, error, fleet, metrics, policy, runtime, sys, tls, wire);

@@ -60,6 +60,14 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_handshakes_in_flight: IntGauge,
     pub cancel_requests: IntCounterVec,
+    /// Cancels between replicas (`[fleet]`): direction sent|received, result.
+    pub cancel_peer: IntCounterVec,
+    /// Answers to the fleet's "who is there" probes: peer, self, duplicate, failed.
+    pub fleet_probes: IntCounterVec,
+    /// Other replicas known (`[fleet]`).
+    pub fleet_peers: IntGauge,
+    /// 1, labelled with this replica's id (`[fleet]` only).
+    pub fleet_info: IntGaugeVec,
     pub role_decisions: IntCounterVec,
     pub backend_connect_duration: HistogramVec,
     pub backend_connects: IntCounterVec,
@@ -180,9 +188,35 @@ impl Metrics {
             tls_handshakes_in_flight: in_flight,
             cancel_requests: r.counters(
                 "pgtls_cancel_requests_total",
-                "CancelRequests received, by result (forwarded, unknown, rate_limited, failed).",
+                "CancelRequests received from clients, by result: forwarded (to this replica's backend), peer (sent on to the replica that issued the key), unknown, forged (a protocol 3.2 key without the fleet's MAC), rate_limited, failed.",
                 &["result"],
             )?,
+            cancel_peer: r.counters(
+                "pgtls_cancel_peer_total",
+                "CancelRequests between replicas, by direction (sent, received) and result (sent: delivered, no_peer, failed; received: forwarded, unknown, forged, failed, refused).",
+                &["direction", "result"],
+            )?,
+            fleet_probes: r.counters(
+                "pgtls_fleet_probes_total",
+                "Fleet directory probes, by answer: peer, self, duplicate (another replica has this id), failed.",
+                &["result"],
+            )?,
+            fleet_peers: {
+                let g = IntGauge::with_opts(Opts::new(
+                    "pgtls_fleet_peers",
+                    "Other replicas this one knows the address of.",
+                ))?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            fleet_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new("pgtls_fleet_info", "1, labelled with this replica's fleet id."),
+                    &["replica_id"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             connections_accepted: r.counter("pgtls_connections_accepted_total", "Client connections accepted.")?,
             connections_active: active,
             connections_closed: r.counters(
@@ -308,8 +342,14 @@ impl Metrics {
         for stage in ["accept", "backend"] {
             m.fd_exhausted.with_label_values(&[stage]);
         }
-        for result in ["forwarded", "unknown", "rate_limited", "failed"] {
+        for result in ["forwarded", "peer", "unknown", "forged", "rate_limited", "failed"] {
             m.cancel_requests.with_label_values(&[result]);
+        }
+        for result in ["delivered", "no_peer", "failed"] {
+            m.cancel_peer.with_label_values(&["sent", result]);
+        }
+        for result in ["forwarded", "unknown", "forged", "failed", "refused"] {
+            m.cancel_peer.with_label_values(&["received", result]);
         }
         Ok(m)
     }

@@ -23,6 +23,7 @@ use crate::policy::rolemap::RoleMap;
 use crate::policy::scram::{userlist, Verifier};
 use crate::tls;
 use crate::tls::client_auth::CrlSummary;
+use crate::tls::peer::PeerTls;
 use crate::tls::pem::{CertSummary, FileError};
 
 /// Why a runtime could not be built: a key, a file, or a rule.
@@ -58,6 +59,8 @@ pub struct Runtime {
     pub scram: Option<ScramSetup>,
     /// `listen.proxy_protocol = "required"`: the trusted networks.
     pub proxy_trusted: Option<Vec<ipnet::IpNet>>,
+    /// The peer link's TLS, both directions (`[fleet]`).
+    pub fleet_tls: Option<PeerTls>,
 }
 
 /// What SCRAM termination needs: the verifiers (from `scram.auth_file`)
@@ -82,7 +85,15 @@ impl Runtime {
             None => (None, None, Vec::new(), None),
         };
         let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
-        let certificates = certificate_expiries(config, &server_chain, &client_cas, &client_crls)?;
+        let fleet_tls = config.fleet.as_ref().map(tls::peer::build).transpose()?;
+        let mut certificates =
+            certificate_expiries(config, &server_chain, &client_cas, &client_crls)?;
+        certificates.extend(
+            fleet_tls
+                .iter()
+                .flat_map(|t| &t.chain)
+                .map(|c| ("fleet", c.subject.clone(), c.not_after)),
+        );
         Ok(Runtime {
             tls,
             allow_plaintext: config.tls.allow_plaintext,
@@ -102,6 +113,7 @@ impl Runtime {
             scram,
             proxy_trusted: (config.listen.proxy_protocol == crate::config::ProxyProtocol::Required)
                 .then(|| config.listen.proxy_trusted.clone()),
+            fleet_tls,
         })
     }
 }
@@ -151,7 +163,11 @@ fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildErr
 
 /// A secret from its file (without the trailing newline) or variable;
 /// errors name the key and `what` (a role), never the value.
-fn read_secret(source: &SecretSource, key: &'static str, what: &str) -> Result<String, BuildError> {
+pub fn read_secret(
+    source: &SecretSource,
+    key: &'static str,
+    what: &str,
+) -> Result<String, BuildError> {
     match source {
         SecretSource::File(path) => std::fs::read_to_string(path)
             .map(|s| s.trim_end_matches(['\n', '\r']).to_string())

@@ -30,6 +30,7 @@ use libfuzzer_sys::fuzz_target;
 use pg_tls_proxy::conn::error::SessionError;
 use pg_tls_proxy::wire::{MessageReader, MAX_AUTH_PHASE_MESSAGE};
 use pg_tls_proxy::conn::auth_relay::{relay_authentication, ExchangeError, Outcome};
+use pg_tls_proxy::policy::cancel::ClientKey;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -89,7 +90,9 @@ fuzz_target!(|data: &[u8]| {
     let mut keys_issued = 0usize;
     let mut issue_key = |_pid: i32, _secret: [u8; 4]| {
         keys_issued += 1;
-        PROXY_KEY
+        let (pid, secret) = PROXY_KEY.split_at(4);
+        let pid = i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]);
+        ClientKey::new(pid, secret).expect("a 4-byte secret")
     };
     let result = {
         let exchange = std::pin::pin!(relay_authentication(

@@ -40,7 +40,7 @@ fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("pgtls-fuzz-negotiate-{}", std::process::id()));
-        pg_tls_proxy::cli::devcerts::write(&dir, &["localhost".into()], &[]).expect("certs");
+        pg_tls_proxy::cli::devcerts::write(&dir, &["localhost".into()], &[], &[]).expect("certs");
         let tls = Tls {
             server: Some(CertKey {
                 cert: dir.join("server.crt"),

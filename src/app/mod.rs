@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::app::admin::Admin;
 pub use crate::app::reload::{LogReloader, ReloadSource};
@@ -33,9 +33,10 @@ use crate::backend::health::BackendHealth;
 use crate::config::{Config, ConfigError};
 use crate::conn;
 pub use crate::conn::context::Context;
+use crate::fleet::{self, Fleet};
 use crate::metrics::Metrics;
-use crate::policy::cancel::CancelRegistry;
-use crate::runtime::Runtime;
+use crate::policy::cancel::{CancelRegistry, KeyScheme};
+use crate::runtime::{read_secret, Runtime};
 /// Descriptors kept back from client traffic (admin, reloads, cancels).
 pub use crate::sys::fdlimit::RESERVED as RESERVED_DESCRIPTORS;
 use crate::sys::fdlimit::{self, FdBudget, FdLimit};
@@ -52,6 +53,9 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Bind(#[from] crate::sys::listener::BindError),
+    /// `[fleet]`: the replica id cannot be had, or is taken.
+    #[error("fleet.replica_id: {0}")]
+    Fleet(String),
 }
 
 impl StartError {
@@ -90,11 +94,36 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let fd_limit = FdLimit::raise();
     metrics.fd_limit.set(fd_limit.soft as i64);
     let max_sessions = fd_limit.admitted(config.limits.max_connections);
+    let (fleet, scheme) = match &config.fleet {
+        Some(f) => {
+            let id = f
+                .replica_id
+                .resolve(&fleet::hostname())
+                .map_err(StartError::Fleet)?;
+            let key = f
+                .cancel_key
+                .as_ref()
+                .map(|k| read_secret(k, "fleet.cancel_key", "the fleet's cancel key"))
+                .transpose()?
+                .unwrap_or_default();
+            if key.len() < 32 {
+                return Err(StartError::Fleet(
+                    "fleet.cancel_key must be at least 32 bytes (e.g. `openssl rand -base64 32`)"
+                        .into(),
+                ));
+            }
+            let scheme = KeyScheme::fleet(id, key.as_bytes());
+            info!(replica_id = id, "fleet replica");
+            (Some(Arc::new(Fleet::new(f, id, metrics.clone()))), scheme)
+        }
+        None => (None, KeyScheme::lone()),
+    };
     let shared = Arc::new(Context {
         runtime: ArcSwap::from_pointee(runtime),
         metrics,
         backend_health: BackendHealth::default(),
-        cancels: CancelRegistry::new(),
+        cancels: CancelRegistry::with_scheme(scheme),
+        fleet,
         handshake_slots: Semaphore::new(config.limits.max_handshakes_in_flight),
         terminate: CancellationToken::new(),
         fds: FdBudget::new(fd_limit.budget()),
@@ -112,6 +141,10 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
 /// A running proxy.
 pub struct Handle {
     local_addr: SocketAddr,
+    fleet_addr: Option<SocketAddr>,
+    /// Stops the peer listener and the directory refresh: last, once no
+    /// session of this replica is left to cancel.
+    fleet_stop: CancellationToken,
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
     tracker: TaskTracker,
@@ -158,6 +191,17 @@ pub async fn serve(
         source,
     ));
     let readiness = Arc::new(ReadyState::new(config.admin.unready_after_backend_failures));
+    let fleet_stop = CancellationToken::new();
+    let fleet_addr = match (&shared.fleet, &config.fleet) {
+        (Some(fleet), Some(c)) => match join_fleet(fleet, c, &shared, &fleet_stop).await {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                fleet_stop.cancel();
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     let admin_stop = CancellationToken::new();
     let admin_addr = if config.admin.enabled {
         let (listener, addr) = bind(
@@ -229,6 +273,8 @@ pub async fn serve(
     info!(%local_addr, "listening");
     Ok(Handle {
         local_addr,
+        fleet_addr,
+        fleet_stop,
         stop_accepting,
         force_close,
         tracker,
@@ -240,6 +286,73 @@ pub async fn serve(
         admin_stop,
         reloader,
     })
+}
+
+/// Binds the peer listener, serves it, and asks the other replicas who
+/// they are; refuses the start when one of them has this replica's id.
+async fn join_fleet(
+    fleet: &Arc<Fleet>,
+    c: &crate::config::Fleet,
+    shared: &Arc<Context>,
+    stop: &CancellationToken,
+) -> Result<SocketAddr, StartError> {
+    let (listener, addr) = bind("fleet.listen", &c.listen, PEER_BACKLOG).await?;
+    tokio::spawn(peer_accept_loop(listener, shared.clone(), stop.clone()));
+    info!(%addr, replica_id = fleet.me().replica, "fleet: peer listener");
+    let client_tls = {
+        let shared = shared.clone();
+        move || {
+            shared
+                .runtime
+                .load()
+                .fleet_tls
+                .as_ref()
+                .map(|t| t.client.clone())
+        }
+    };
+    if let Some(tls) = client_tls() {
+        let report = fleet.refresh(&tls).await;
+        if let Some(dup) = report.duplicates.first() {
+            return Err(StartError::Fleet(format!(
+                "replica id {} is already taken by the replica at {dup}",
+                fleet.me().replica
+            )));
+        }
+        info!(peers = fleet.known(), "fleet: directory ready");
+    }
+    tokio::spawn(fleet.clone().keep_fresh(client_tls, stop.clone()));
+    Ok(addr)
+}
+
+/// Peer connections are few (one per forwarded cancel or probe).
+const PEER_BACKLOG: u32 = 128;
+const MAX_PEER_CONNECTIONS: usize = 64;
+
+async fn peer_accept_loop(listener: TcpListener, shared: Arc<Context>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    loop {
+        let (tcp, from) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!("fleet: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let (Ok(permit), Some(fd)) = (slots.clone().try_acquire_owned(), shared.fds.try_take())
+        else {
+            debug!(%from, "fleet: too many peer connections; closed");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            conn::peer::serve(tcp, from, &shared).await;
+            drop((permit, fd));
+        });
+    }
 }
 
 async fn accept_loop(
@@ -302,6 +415,11 @@ impl Handle {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// The fleet's peer listener address (`[fleet]`).
+    pub fn fleet_addr(&self) -> Option<SocketAddr> {
+        self.fleet_addr
     }
 
     /// The admin listener's address, when enabled.
@@ -369,6 +487,7 @@ impl Handle {
             "shutdown complete"
         );
         self.admin_stop.cancel();
+        self.fleet_stop.cancel();
         report
     }
 
@@ -378,6 +497,7 @@ impl Handle {
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.admin_stop.cancel();
+        self.fleet_stop.cancel();
         self.stop_accepting.cancel();
         self.force_close.cancel();
         let _ = self.accept_task.await;

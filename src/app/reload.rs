@@ -92,6 +92,17 @@ impl Reloader {
         // running listeners agree.
         config.listen = current.listen.clone();
         config.admin = current.admin.clone();
+        // A fleet keeps its identity (ids are in keys handed out); its
+        // certificates reload like the others.
+        config.fleet = match (&current.fleet, config.fleet.take()) {
+            (Some(old), Some(new)) => Some(crate::config::Fleet {
+                cert: new.cert,
+                key: new.key,
+                ca: new.ca,
+                ..old.clone()
+            }),
+            (old, _) => old.clone(),
+        };
         let runtime = Runtime::build(&config).map_err(|e| e.to_string())?;
         if let Some(apply) = &self.source.log {
             if std::env::var_os("RUST_LOG").is_none() {
@@ -159,6 +170,10 @@ fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
         files.extend([pair.cert.clone(), pair.key.clone()]);
     }
     files.extend(c.client_auth.ca.iter().cloned());
+    if let Some(f) = &c.fleet {
+        files.extend([f.cert.clone(), f.key.clone()]);
+        files.extend(f.ca.iter().cloned());
+    }
     files.extend(c.client_auth.crl.iter().cloned());
     files.extend(c.backend.sslrootcert.iter().cloned());
     files.extend(c.backend.credentials.values().filter_map(|c| match c {
@@ -187,6 +202,22 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.reload.poll_interval != new.reload.poll_interval {
         keys.push("reload.poll_interval");
+    }
+    let identity = |f: &Option<crate::config::Fleet>| {
+        f.as_ref().map(|f| {
+            (
+                f.replica_id.clone(),
+                f.listen.clone(),
+                f.peers.clone(),
+                f.server_name.clone(),
+                f.cancel_key.clone(),
+                f.timeout,
+                f.refresh_interval,
+            )
+        })
+    };
+    if identity(&old.fleet) != identity(&new.fleet) {
+        keys.push("fleet");
     }
     keys
 }

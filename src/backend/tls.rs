@@ -85,16 +85,9 @@ pub fn client_configs(b: &config::Backend) -> Result<ClientConfigs, FileError> {
 pub fn server_name(b: &config::Backend) -> Result<ServerName<'static>, String> {
     let host = match &b.server_name {
         Some(name) => name.clone(),
-        None => host_of(&b.address).to_string(),
+        None => config::host_of(&b.address).to_string(),
     };
     ServerName::try_from(host.clone()).map_err(|_| format!("\"{host}\" is not a valid server name"))
-}
-
-fn host_of(address: &str) -> &str {
-    match address.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-        None => address,
-    }
 }
 
 /// verify-ca: the full webpki check, minus the name.
@@ -201,8 +194,8 @@ mod tests {
 
     #[test]
     fn host_parsing() {
-        assert_eq!(host_of("db.example:5432"), "db.example");
-        assert_eq!(host_of("[::1]:5432"), "::1");
-        assert_eq!(host_of("127.0.0.1:5432"), "127.0.0.1");
+        assert_eq!(config::host_of("db.example:5432"), "db.example");
+        assert_eq!(config::host_of("[::1]:5432"), "::1");
+        assert_eq!(config::host_of("127.0.0.1:5432"), "127.0.0.1");
     }
 }

@@ -99,5 +99,21 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
             "no"
         }
     );
+    if let (Some(f), Some(fleet)) = (&c.fleet, &prepared.shared.fleet) {
+        out!(
+            "fleet               replica {} of up to {}; peers listener {}",
+            fleet.me().replica,
+            u16::from(crate::config::MAX_REPLICA_ID) + 1,
+            f.listen
+        );
+        out!("fleet.peers         {}", f.peers.join(", "));
+        if let Some(leaf) = rt.fleet_tls.as_ref().and_then(|t| t.chain.first()) {
+            out!(
+                "fleet.cert          {} (expires in {} days)",
+                leaf.subject,
+                leaf.days_left(now)
+            );
+        }
+    }
     ExitCode::SUCCESS
 }

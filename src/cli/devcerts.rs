@@ -22,26 +22,16 @@ pub struct Written {
     pub files: Vec<PathBuf>,
 }
 
-pub fn write(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result<Written> {
+pub fn write(
+    out: &Path,
+    hosts: &[String],
+    clients: &[String],
+    peers: &[String],
+) -> anyhow::Result<Written> {
     fs::create_dir_all(out)?;
     let mut files = Vec::new();
     let now = time::OffsetDateTime::now_utc();
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("{LABEL} CA"));
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = now - time::Duration::days(1);
-    ca.not_after = now + time::Duration::days(VALID_DAYS);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    files.push(save(out, "ca.crt", &ca_cert.pem(), false)?);
-    files.push(save(out, "ca.key", &ca_key.serialize_pem(), true)?);
-    let issuer = Issuer::new(ca, ca_key);
+    let issuer = ca(out, "ca", &format!("{LABEL} CA"), &mut files)?;
 
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::new(Vec::<String>::new())?;
@@ -62,28 +52,97 @@ pub fn write(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result
     files.push(save(out, "server.key", &server_key.serialize_pem(), true)?);
 
     for name in clients {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.as_str());
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, LABEL);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(VALID_DAYS);
-        let cert = params.signed_by(&key, &issuer)?;
-        let stem = format!("client-{}", sanitize(name));
-        files.push(save(out, &format!("{stem}.crt"), &cert.pem(), false)?);
-        files.push(save(
+        let params = leaf(name, &[], &[ExtendedKeyUsagePurpose::ClientAuth])?;
+        files.extend(issue(
             out,
-            &format!("{stem}.key"),
-            &key.serialize_pem(),
-            true,
+            &format!("client-{}", sanitize(name)),
+            params,
+            &issuer,
         )?);
     }
+    // The fleet gets its own CA: any certificate it signs may send cancels.
+    if !peers.is_empty() {
+        let fleet = ca(out, "fleet-ca", &format!("{LABEL} fleet CA"), &mut files)?;
+        for name in peers {
+            // Presented in both directions of the peer link.
+            let usages = [
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let params = leaf(name, &[san(name)?], &usages)?;
+            files.extend(issue(
+                out,
+                &format!("peer-{}", sanitize(name)),
+                params,
+                &fleet,
+            )?);
+        }
+    }
     Ok(Written { files })
+}
+
+/// A leaf's parameters: CN `name` (O the development label), SANs, usages.
+fn leaf(
+    name: &str,
+    sans: &[SanType],
+    usages: &[ExtendedKeyUsagePurpose],
+) -> anyhow::Result<CertificateParams> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, LABEL);
+    params.subject_alt_names = sans.to_vec();
+    params.extended_key_usages = usages.to_vec();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(VALID_DAYS);
+    Ok(params)
+}
+
+/// Signs a leaf with a fresh key; writes `<stem>.crt` and `<stem>.key`.
+fn issue(
+    out: &Path,
+    stem: &str,
+    params: CertificateParams,
+    issuer: &Issuer<'static, KeyPair>,
+) -> anyhow::Result<[PathBuf; 2]> {
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok([
+        save(out, &format!("{stem}.crt"), &cert.pem(), false)?,
+        save(out, &format!("{stem}.key"), &key.serialize_pem(), true)?,
+    ])
+}
+
+/// A self-signed CA, written as `<stem>.crt` and `<stem>.key`.
+fn ca(
+    out: &Path,
+    stem: &str,
+    name: &str,
+    files: &mut Vec<PathBuf>,
+) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let now = time::OffsetDateTime::now_utc();
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(VALID_DAYS);
+    let cert = params.self_signed(&key)?;
+    files.push(save(out, &format!("{stem}.crt"), &cert.pem(), false)?);
+    files.push(save(
+        out,
+        &format!("{stem}.key"),
+        &key.serialize_pem(),
+        true,
+    )?);
+    Ok(Issuer::new(params, key))
 }
 
 fn san(host: &str) -> anyhow::Result<SanType> {
@@ -119,11 +178,16 @@ fn save(dir: &Path, name: &str, contents: &str, secret: bool) -> anyhow::Result<
 }
 
 /// `pg-tls-proxy dev-certs`.
-pub fn command(out: PathBuf, mut hosts: Vec<String>, clients: Vec<String>) -> ExitCode {
+pub fn command(
+    out: PathBuf,
+    mut hosts: Vec<String>,
+    clients: Vec<String>,
+    peers: Vec<String>,
+) -> ExitCode {
     if hosts.is_empty() {
         hosts = vec!["localhost".into(), "127.0.0.1".into()];
     }
-    match write(&out, &hosts, &clients) {
+    match write(&out, &hosts, &clients, &peers) {
         Ok(written) => {
             out!("DEVELOPMENT ONLY: throwaway certificates, never use them in production.");
             for f in written.files {

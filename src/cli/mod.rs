@@ -68,6 +68,10 @@ enum Command {
         /// Client certificate common names.
         #[arg(long = "client")]
         clients: Vec<String>,
+        /// Fleet peer names (`[fleet]`): each gets peer-<name>.crt/.key,
+        /// signed by a fleet CA of its own (fleet-ca.crt).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
     },
 }
 
@@ -81,7 +85,8 @@ pub fn main() -> ExitCode {
             out,
             hosts,
             clients,
-        }) => devcerts::command(out, hosts, clients),
+            peers,
+        }) => devcerts::command(out, hosts, clients, peers),
         Some(Command::Check) => check::check(cli.config),
         Some(Command::Explain {
             cert,

@@ -13,12 +13,14 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 mod backend;
+mod fleet;
 mod ops;
 mod rules;
 mod scram;
 mod tls;
 
 pub use backend::{Backend, SecretSource, SslCertScope, SslMode};
+pub use fleet::{Fleet, ReplicaId, MAX_REPLICA_ID};
 pub use ops::{Admin, Limits, Listen, Log, LogFormat, ProxyProtocol, Reload, Shutdown};
 pub use rules::{BackendAuth, IdentityKind, ReplicationRule, RuleConfig};
 pub use scram::{AuthQuery, Scram, DEFAULT_AUTH_QUERY};
@@ -45,6 +47,8 @@ pub struct Config {
     pub admin: Admin,
     pub reload: Reload,
     pub scram: Scram,
+    /// Replicas that send each other cancels (`[fleet]`); absent: a lone proxy.
+    pub fleet: Option<Fleet>,
 }
 
 /// A configuration error: always names the key, and the file when there is one.
@@ -74,6 +78,14 @@ fn has_port(address: &str) -> bool {
                 && (!host.contains(':') || host.starts_with('['))
         }
         None => false,
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`.
+pub fn host_of(address: &str) -> &str {
+    match address.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => address,
     }
 }
 
@@ -143,6 +155,15 @@ impl Config {
         self.admin.check().map_err(invalid)?;
         self.limits.check().map_err(invalid)?;
         self.scram.check().map_err(invalid)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.check().map_err(invalid)?;
+            if fleet.listen == self.listen.address {
+                return Err(invalid((
+                    "fleet.listen",
+                    "must differ from listen.address: peers have their own listener".into(),
+                )));
+            }
+        }
         // Across sections.
         let mode = self.client_auth.effective_mode();
         if mode == ClientAuthMode::None && !self.rules.is_empty() {

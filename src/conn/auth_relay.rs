@@ -17,6 +17,7 @@ use pgwire::messages::{DecodeContext, Message};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::conn::error::SessionError;
+use crate::policy::cancel::ClientKey;
 use crate::wire::{Frame, MessageReader, ProtocolError, ReadError, MAX_AUTH_PHASE_MESSAGE};
 
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
@@ -52,6 +53,9 @@ pub enum ExchangeError {
     BackendClosed,
 }
 
+/// Issues the client's cancel key for the backend's (pid, secret).
+pub type IssueKey<'a> = dyn FnMut(i32, [u8; 4]) -> ClientKey + Send + 'a;
+
 /// Relays from the backend's first authentication message (or, after a
 /// proxy login, from what follows AuthenticationOk) to ReadyForQuery.
 /// `from_backend` carries whatever a previous reader had buffered.
@@ -62,7 +66,7 @@ pub async fn relay_authentication<C, B>(
     backend: &mut B,
     mut from_backend: MessageReader,
     backend_tls: bool,
-    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+    issue_key: &mut IssueKey<'_>,
 ) -> Result<Outcome, ExchangeError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -139,11 +143,12 @@ where
     }
 }
 
-/// Replaces the backend's BackendKeyData with the proxy's key. Protocol
-/// 3.0 (the only version we let through): pid + 4-byte secret.
+/// Replaces the backend's BackendKeyData with the proxy's key. The backend
+/// speaks protocol 3.0 (pid + 4-byte secret); the client's key is 3.0's or
+/// 3.2's, whichever the client speaks.
 fn rewrite_key(
     frame: &mut Frame,
-    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+    issue_key: &mut IssueKey<'_>,
 ) -> Result<(), ExchangeError> {
     let body = frame.body();
     if body.len() != 8 {
@@ -154,7 +159,8 @@ fn rewrite_key(
     let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
     let secret = [body[4], body[5], body[6], body[7]];
     let key = issue_key(pid, secret);
-    frame.bytes[5..13].copy_from_slice(&key);
+    frame.bytes.clear();
+    frame.bytes.extend_from_slice(&key.message());
     Ok(())
 }
 

@@ -21,6 +21,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub backend_health: BackendHealth,
     pub cancels: CancelRegistry<CancelTarget>,
+    /// The other replicas, when this one is part of a fleet (`[fleet]`).
+    pub fleet: Option<std::sync::Arc<crate::fleet::Fleet>>,
     /// Full TLS handshakes in progress (`limits.max_handshakes_in_flight`).
     pub handshake_slots: Semaphore,
     /// Fires when the grace period is over: sessions stop at a message

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout_at, Instant};
 use tracing::{info, warn};
 
-use super::auth_relay::{relay_authentication, ExchangeError, Outcome};
+use super::auth_relay::{relay_authentication, ExchangeError, IssueKey, Outcome};
 use super::error::{Phase, SessionError};
 use super::record::CloseReason;
 use super::Conn;
@@ -147,17 +147,19 @@ pub(super) async fn reach_backend(
     })
 }
 
-/// Sends NegotiateProtocolVersion when the client asked for a minor
-/// version or `_pq_.` options we do not support, as PostgreSQL does.
+/// Sends NegotiateProtocolVersion when the client asked for a newer
+/// minor version than 3.2 or for `_pq_.` options (none are supported),
+/// exactly when PostgreSQL 18 does (libpq 18 refuses one that changes
+/// nothing).
 pub(super) async fn negotiate_version(
     client: &mut ClientStream,
     startup: &StartupPacket,
 ) -> Result<(), SessionError> {
     let options = startup.protocol_options();
-    if startup.minor == 0 && options.is_empty() {
+    if startup.minor == startup.client_minor() && options.is_empty() {
         return Ok(());
     }
-    let buf = negotiate_protocol_version(options)?;
+    let buf = negotiate_protocol_version(startup.client_minor(), options)?;
     client.write_all(&buf).await.map_err(SessionError::ClientIo)
 }
 
@@ -169,7 +171,7 @@ pub(super) async fn log_in(
     link: Link,
     user: &str,
     proved: Option<Proved>,
-    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+    issue_key: &mut IssueKey<'_>,
 ) -> Login {
     let Link {
         mut backend,
@@ -266,7 +268,7 @@ async fn authenticate(
     mut from_backend: MessageReader,
     user: &str,
     how: How,
-    issue_key: &mut (dyn FnMut(i32, [u8; 4]) -> [u8; 8] + Send),
+    issue_key: &mut IssueKey<'_>,
 ) -> Result<(Outcome, Option<&'static str>), AuthError> {
     let mut method = None;
     let client_io = |e| AuthError::Relay(ExchangeError::Session(SessionError::ClientIo(e)));

@@ -19,6 +19,7 @@ mod ending;
 pub mod error;
 mod login;
 pub mod negotiate;
+pub mod peer;
 pub mod proxy_protocol;
 pub mod record;
 pub mod relay;
@@ -275,12 +276,15 @@ async fn session(
     // backend's own secret stays in the registry,
     // for exactly as long as this session.
     let mut registration = None;
+    // A 3.2 client gets a 32-byte secret (the backend speaks 3.0).
+    let long_key = startup.long_cancel_key();
     let mut issue_key = |backend_pid: i32, backend_secret: [u8; 4]| {
-        let (key, guard) = conn.ctx.cancels.register(backend_pid, CancelTarget {
+        let target = CancelTarget {
             backend_pid,
             backend_secret,
             connector: rt.connector.clone(),
-        });
+        };
+        let (key, guard) = conn.ctx.cancels.register(backend_pid, target, long_key);
         registration = Some(guard);
         key
     };

@@ -10,16 +10,26 @@
 //!
 //! A CancelRequest's key is looked up and its secret compared in constant
 //! time; unknown keys are ignored silently, as PostgreSQL does; attempts
-//! are rate-limited per source address. Forwarding is the backend's job.
-//! The backend's real key never reaches the client.
+//! are rate-limited per source address. In a fleet the secret names the
+//! replica that issued it, so that any replica can send the cancel on to
+//! the right one ([`Lookup::Peer`]). Forwarding is the caller's job. The
+//! backend's real key never reaches the client.
 //!
-//! Key layout (8 bytes, as protocol 3.0's pid + secret):
+//! Secret layouts (the pid is always the backend's own):
 //! ```text
-//! pid:    the backend's own pid
-//! secret: random (32 bits), never the backend's
+//! protocol 3.0, 4 bytes:  lone proxy  random (32 bits)
+//!                         fleet       replica id (6 bits) | random (26 bits)
+//! protocol 3.2, 32 bytes: replica id (1 byte; 0 for a lone proxy)
+//!                         | random (15 bytes)
+//!                         | HMAC-SHA-256(key, pid | first 16 bytes), first 16 bytes
 //! ```
-//! A guess must match pid and secret: 2^32 secrets per pid, with the
-//! per-source rate limit (20 at once, then 10 per second) as the guard.
+//! A 3.0 guess must match pid and secret: 2^26 secrets per pid in a fleet
+//! (2^32 alone), with the per-source rate limit (20 at once, then 10 per
+//! second) as the guard: about 39 days of guessing per pid and source
+//! address for an even chance in a fleet. A 3.2 key cannot be forged
+//! without the fleet's key: the MAC is checked before anything else, so a
+//! forged key is dropped by the first replica that sees it and never
+//! forwarded.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rand::Rng;
+use ring::hmac;
 use tracing::debug;
 
 /// Per-source cancel budget: a burst, then a steady rate.
@@ -36,13 +47,163 @@ const CANCEL_PER_SECOND: f64 = 10.0;
 /// Source addresses tracked at once; a constant bound on what peers can
 /// make the limiter hold.
 const MAX_TRACKED_SOURCES: usize = 4096;
+/// Replica ids a 3.0 secret can carry (its top 6 bits).
+pub const MAX_REPLICAS: u8 = 64;
+/// Bytes of a protocol 3.2 secret issued here (PostgreSQL 18 issues 32 too).
+pub const LONG_SECRET: usize = 32;
+/// Bytes of the 3.2 secret the MAC covers (with the pid), and of the MAC.
+const MAC_COVERS: usize = 16;
+
+/// A secret of ours: 4 bytes (protocol 3.0) or [`LONG_SECRET`] (3.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secret {
+    len: u8,
+    bytes: [u8; LONG_SECRET],
+}
+
+impl Secret {
+    fn new(bytes: &[u8]) -> Secret {
+        let mut s = Secret {
+            len: bytes.len() as u8,
+            bytes: [0; LONG_SECRET],
+        };
+        s.bytes[..bytes.len()].copy_from_slice(bytes);
+        s
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// The key a client gets in BackendKeyData.
+#[derive(Clone, Copy)]
+pub struct ClientKey {
+    pub pid: i32,
+    pub secret: Secret,
+}
+
+impl ClientKey {
+    /// A key with a given secret of 4 or [`LONG_SECRET`] bytes.
+    pub fn new(pid: i32, secret: &[u8]) -> Option<ClientKey> {
+        matches!(secret.len(), 4 | LONG_SECRET).then(|| ClientKey {
+            pid,
+            secret: Secret::new(secret),
+        })
+    }
+
+    /// The BackendKeyData message ('K') that carries it.
+    pub fn message(&self) -> Vec<u8> {
+        let secret = self.secret.as_bytes();
+        let mut m = Vec::with_capacity(9 + secret.len());
+        m.push(b'K');
+        m.extend_from_slice(&(8 + secret.len() as i32).to_be_bytes());
+        m.extend_from_slice(&self.pid.to_be_bytes());
+        m.extend_from_slice(secret);
+        m
+    }
+}
+
+/// How keys are made: which replica this is, and the key of 3.2 MACs.
+pub struct KeyScheme {
+    /// This replica's id (below [`MAX_REPLICAS`]); `None` for a lone proxy.
+    replica: Option<u8>,
+    mac: hmac::Key,
+}
+
+impl KeyScheme {
+    /// A lone proxy: every 3.0 bit random, a per-process MAC key.
+    pub fn lone() -> KeyScheme {
+        let key: [u8; 32] = rand::random();
+        KeyScheme {
+            replica: None,
+            mac: hmac::Key::new(hmac::HMAC_SHA256, &key),
+        }
+    }
+
+    /// A fleet replica; every replica must share `mac_key`.
+    pub fn fleet(replica: u8, mac_key: &[u8]) -> KeyScheme {
+        assert!(replica < MAX_REPLICAS, "replica ids are checked at load");
+        KeyScheme {
+            replica: Some(replica),
+            mac: hmac::Key::new(hmac::HMAC_SHA256, mac_key),
+        }
+    }
+
+    pub fn replica(&self) -> Option<u8> {
+        self.replica
+    }
+
+    fn short(&self, rng: &mut impl Rng) -> Secret {
+        let mut s: [u8; 4] = rng.random();
+        if let Some(id) = self.replica {
+            s[0] = (id << 2) | (s[0] & 0b11);
+        }
+        Secret::new(&s)
+    }
+
+    fn long(&self, pid: i32, rng: &mut impl Rng) -> Secret {
+        let mut s = [0u8; LONG_SECRET];
+        s[0] = self.replica.unwrap_or(0);
+        rng.fill(&mut s[1..MAC_COVERS]);
+        let tag = self.tag(pid, &s[..MAC_COVERS]);
+        s[MAC_COVERS..].copy_from_slice(&tag.as_ref()[..LONG_SECRET - MAC_COVERS]);
+        Secret::new(&s)
+    }
+
+    fn tag(&self, pid: i32, covered: &[u8]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.mac);
+        ctx.update(&pid.to_be_bytes());
+        ctx.update(covered);
+        ctx.sign()
+    }
+
+    /// Whether a 3.2 secret carries our MAC (constant time).
+    fn authentic(&self, pid: i32, secret: &[u8]) -> bool {
+        let tag = self.tag(pid, &secret[..MAC_COVERS]);
+        subtle::ConstantTimeEq::ct_eq(
+            &tag.as_ref()[..LONG_SECRET - MAC_COVERS],
+            &secret[MAC_COVERS..],
+        )
+        .into()
+    }
+
+    /// The replica a key names, when it is not this one.
+    fn foreign(&self, secret: &[u8]) -> Option<u8> {
+        let me = self.replica?;
+        let id = match secret.len() {
+            4 => secret[0] >> 2,
+            _ => secret[0],
+        };
+        (id != me).then_some(id)
+    }
+}
+
+/// A CancelRequest's key, taken apart.
+struct Request<'a> {
+    pid: i32,
+    secret: &'a [u8],
+}
+
+/// Splits a CancelRequest packet (length word included): 16 bytes
+/// (protocol 3.0) or 12 + [`LONG_SECRET`] (a 3.2 key of ours).
+fn request(packet: &[u8]) -> Option<Request<'_>> {
+    if packet.len() != 16 && packet.len() != 12 + LONG_SECRET {
+        return None;
+    }
+    Some(Request {
+        pid: i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]),
+        secret: &packet[12..],
+    })
+}
 
 struct Entry<T> {
-    secret: [u8; 4],
+    secret: Secret,
     target: T,
 }
 
 struct Inner<T> {
+    scheme: KeyScheme,
     sessions: Mutex<HashMap<i32, Vec<Entry<T>>>>,
     sources: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
@@ -58,7 +219,14 @@ impl<T> Clone for CancelRegistry<T> {
 
 impl<T> Default for CancelRegistry<T> {
     fn default() -> Self {
+        CancelRegistry::with_scheme(KeyScheme::lone())
+    }
+}
+
+impl<T> CancelRegistry<T> {
+    pub fn with_scheme(scheme: KeyScheme) -> CancelRegistry<T> {
         CancelRegistry(Arc::new(Inner {
+            scheme,
             sessions: Mutex::default(),
             sources: Mutex::default(),
         }))
@@ -69,7 +237,7 @@ impl<T> Default for CancelRegistry<T> {
 pub struct Registration<T> {
     inner: Arc<Inner<T>>,
     pid: i32,
-    secret: [u8; 4],
+    secret: Secret,
 }
 
 impl<T> Drop for Registration<T> {
@@ -84,12 +252,32 @@ impl<T> Drop for Registration<T> {
     }
 }
 
-/// What happened to a CancelRequest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
-    Found,
+/// What a CancelRequest's key stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup<T> {
+    /// A session of this replica.
+    Found(T),
+    /// Issued by another replica of the fleet (its id): send it on.
+    Peer(u8),
+    /// No such session (or not a key of ours at all).
     Unknown,
+    /// A 3.2 key whose MAC does not verify: made up, never sent on.
+    Forged,
+    /// Over the source's budget; not looked at.
     RateLimited,
+}
+
+impl<T> Lookup<T> {
+    /// The label of `pgtls_cancel_requests_total` and the log.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Lookup::Found(_) => "found",
+            Lookup::Peer(_) => "peer",
+            Lookup::Unknown => "unknown",
+            Lookup::Forged => "forged",
+            Lookup::RateLimited => "rate_limited",
+        }
+    }
 }
 
 impl<T: Clone> CancelRegistry<T> {
@@ -97,25 +285,32 @@ impl<T: Clone> CancelRegistry<T> {
         CancelRegistry::default()
     }
 
+    pub fn scheme(&self) -> &KeyScheme {
+        &self.0.scheme
+    }
+
     /// Issues the key for a session of backend `pid`: the backend's pid
-    /// and a fresh secret of ours; the 8 bytes go to the client in place
+    /// and a fresh secret of ours, 32 bytes when the client speaks
+    /// protocol 3.2 (`long`), else 4; the key goes to the client in place
     /// of the backend's.
-    pub fn register(&self, pid: i32, target: T) -> ([u8; 8], Registration<T>) {
+    pub fn register(&self, pid: i32, target: T, long: bool) -> (ClientKey, Registration<T>) {
         let mut rng = rand::rng();
+        let scheme = &self.0.scheme;
         let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let entries = map.entry(pid).or_default();
         let secret = loop {
-            let secret: [u8; 4] = rng.random();
+            let secret = if long {
+                scheme.long(pid, &mut rng)
+            } else {
+                scheme.short(&mut rng)
+            };
             if !entries.iter().any(|e| e.secret == secret) {
                 break secret;
             }
         };
         entries.push(Entry { secret, target });
-        let mut key = [0u8; 8];
-        key[..4].copy_from_slice(&pid.to_be_bytes());
-        key[4..].copy_from_slice(&secret);
         (
-            key,
+            ClientKey { pid, secret },
             Registration {
                 inner: self.0.clone(),
                 pid,
@@ -124,26 +319,54 @@ impl<T: Clone> CancelRegistry<T> {
         )
     }
 
-    /// Finds the target of a CancelRequest packet (16 bytes, length word
-    /// included), after the per-source rate limit (at `now`).
-    pub fn lookup(&self, source: IpAddr, packet: &[u8], now: Instant) -> (Lookup, Option<T>) {
+    /// What a client's CancelRequest packet (length word included) stands
+    /// for, after the per-source rate limit (at `now`).
+    pub fn lookup(&self, source: IpAddr, packet: &[u8], now: Instant) -> Lookup<T> {
         if !self.allow(source, now) {
-            return (Lookup::RateLimited, None);
+            return Lookup::RateLimited;
         }
-        // Protocol 3.2 allows longer secrets; ours are always 4 bytes.
-        if packet.len() != 16 {
-            return (Lookup::Unknown, None);
+        let Some(req) = request(packet) else {
+            return Lookup::Unknown;
+        };
+        if let Some(forged) = self.check(&req) {
+            return forged;
         }
-        let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        match self.0.scheme.foreign(req.secret) {
+            Some(id) => Lookup::Peer(id),
+            None => self.local(&req),
+        }
+    }
+
+    /// What a CancelRequest another replica sent on stands for: this
+    /// replica's sessions only (a cancel travels one hop at most); the
+    /// sender applied the client's rate limit.
+    pub fn lookup_from_peer(&self, packet: &[u8]) -> Lookup<T> {
+        let Some(req) = request(packet) else {
+            return Lookup::Unknown;
+        };
+        if let Some(forged) = self.check(&req) {
+            return forged;
+        }
+        match self.0.scheme.foreign(req.secret) {
+            Some(_) => Lookup::Unknown,
+            None => self.local(&req),
+        }
+    }
+
+    /// `Some(Forged)` for a 3.2 key without our MAC.
+    fn check(&self, req: &Request<'_>) -> Option<Lookup<T>> {
+        (req.secret.len() == LONG_SECRET && !self.0.scheme.authentic(req.pid, req.secret))
+            .then_some(Lookup::Forged)
+    }
+
+    fn local(&self, req: &Request<'_>) -> Lookup<T> {
         let map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let found = map
-            .get(&pid)
-            .into_iter()
-            .flatten()
-            .find(|e| constant_time_eq(&e.secret, &packet[12..16]));
+        let found = map.get(&req.pid).into_iter().flatten().find(|e| {
+            subtle::ConstantTimeEq::ct_eq(e.secret.as_bytes(), req.secret).into()
+        });
         match found {
-            Some(entry) => (Lookup::Found, Some(entry.target.clone())),
-            None => (Lookup::Unknown, None),
+            Some(entry) => Lookup::Found(entry.target.clone()),
+            None => Lookup::Unknown,
         }
     }
 
@@ -188,11 +411,6 @@ impl<T: Clone> CancelRegistry<T> {
     }
 }
 
-/// Compares secrets without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,30 +421,35 @@ mod tests {
         (pid, [1, 2, 3, 4])
     }
 
-    fn cancel_packet(key: &[u8; 8]) -> Vec<u8> {
-        let mut p = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
-        p.extend_from_slice(key);
+    fn cancel_packet(key: &ClientKey) -> Vec<u8> {
+        let secret = key.secret.as_bytes();
+        let mut p = (12 + secret.len() as i32).to_be_bytes().to_vec();
+        p.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e]);
+        p.extend_from_slice(&key.pid.to_be_bytes());
+        p.extend_from_slice(secret);
         p
+    }
+
+    fn ip() -> IpAddr {
+        "127.0.0.1".parse().expect("ip")
     }
 
     #[test]
     fn keys_map_to_backends_and_die_with_the_session() {
         let reg = CancelRegistry::new();
-        let (key, guard) = reg.register(4242, target(4242));
-        let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
-        assert_eq!(pid, 4242, "the client sees the backend's pid");
-        assert_ne!(key[4..], [1, 2, 3, 4], "and never the backend's secret");
-        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let (key, guard) = reg.register(4242, target(4242), false);
+        assert_eq!(key.pid, 4242, "the client sees the backend's pid");
+        assert_eq!(key.secret.as_bytes().len(), 4);
+        assert_ne!(key.secret.as_bytes(), [1, 2, 3, 4], "and never the backend's secret");
+        assert_eq!(&key.message()[..9], &[b'K', 0, 0, 0, 12, 0, 0, 0x10, 0x92]);
         let now = Instant::now();
-        let (found, t) = reg.lookup(ip, &cancel_packet(&key), now);
-        assert_eq!(found, Lookup::Found);
-        assert_eq!(t, Some(target(4242)));
-        let mut wrong = key;
-        wrong[7] ^= 1;
-        assert_eq!(reg.lookup(ip, &cancel_packet(&wrong), now).0, Lookup::Unknown);
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&key), now), Lookup::Found(target(4242)));
+        let mut wrong = cancel_packet(&key);
+        wrong[15] ^= 1;
+        assert_eq!(reg.lookup(ip(), &wrong, now), Lookup::Unknown);
         assert_eq!(reg.targets(), vec![target(4242)]);
         drop(guard);
-        assert_eq!(reg.lookup(ip, &cancel_packet(&key), now).0, Lookup::Unknown);
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&key), now), Lookup::Unknown);
         assert!(reg.is_empty());
     }
 
@@ -235,20 +458,68 @@ mod tests {
     #[test]
     fn one_pid_on_two_backends() {
         let reg = CancelRegistry::new();
-        let (a, ga) = reg.register(77, (77, [1; 4]));
-        let (b, gb) = reg.register(77, (77, [2; 4]));
-        assert_eq!(a[..4], b[..4]);
-        assert_ne!(a[4..], b[4..]);
-        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let (a, ga) = reg.register(77, (77, [1; 4]), false);
+        let (b, gb) = reg.register(77, (77, [2; 4]), true);
+        assert_eq!(a.pid, b.pid);
         let now = Instant::now();
-        assert_eq!(reg.lookup(ip, &cancel_packet(&a), now).1, Some((77, [1; 4])));
-        assert_eq!(reg.lookup(ip, &cancel_packet(&b), now).1, Some((77, [2; 4])));
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&a), now), Lookup::Found((77, [1; 4])));
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&b), now), Lookup::Found((77, [2; 4])));
         assert_eq!(reg.len(), 2);
         drop(ga);
-        assert_eq!(reg.lookup(ip, &cancel_packet(&a), now).0, Lookup::Unknown);
-        assert_eq!(reg.lookup(ip, &cancel_packet(&b), now).1, Some((77, [2; 4])));
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&a), now), Lookup::Unknown);
+        assert_eq!(reg.lookup(ip(), &cancel_packet(&b), now), Lookup::Found((77, [2; 4])));
         drop(gb);
         assert!(reg.is_empty());
+    }
+
+    /// Protocol 3.2 keys: 32 bytes with a MAC; a changed byte anywhere
+    /// (pid, replica id, random part, MAC) makes a forgery.
+    #[test]
+    fn long_keys_are_authenticated() {
+        let reg = CancelRegistry::new();
+        let (key, _guard) = reg.register(9, target(9), true);
+        let packet = cancel_packet(&key);
+        assert_eq!(packet.len(), 44);
+        assert_eq!(key.message().len(), 1 + 4 + 4 + 32);
+        let now = Instant::now();
+        assert_eq!(reg.lookup(ip(), &packet, now), Lookup::Found(target(9)));
+        for at in [11, 12, 20, 30, 43] {
+            let mut forged = packet.clone();
+            forged[at] ^= 0x40;
+            assert_eq!(reg.lookup(ip(), &forged, now), Lookup::Forged, "byte {at}");
+        }
+        let mut other_length = packet.clone();
+        other_length.push(0);
+        other_length[3] += 1;
+        assert_eq!(reg.lookup(ip(), &other_length, now), Lookup::Unknown);
+    }
+
+    /// In a fleet the key names its replica: the others send it on (3.0
+    /// as it is; 3.2 only when its MAC verifies under the shared key).
+    #[test]
+    fn fleet_keys_name_their_replica() {
+        let a: CancelRegistry<(i32, [u8; 4])> =
+            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"shared"));
+        let b: CancelRegistry<(i32, [u8; 4])> =
+            CancelRegistry::with_scheme(KeyScheme::fleet(63, b"shared"));
+        let now = Instant::now();
+        for long in [false, true] {
+            let (key, _g) = a.register(100, target(100), long);
+            let packet = cancel_packet(&key);
+            assert_eq!(a.lookup(ip(), &packet, now), Lookup::Found(target(100)));
+            assert_eq!(b.lookup(ip(), &packet, now), Lookup::Peer(5), "long: {long}");
+            assert_eq!(a.lookup_from_peer(&packet), Lookup::Found(target(100)));
+            assert_eq!(b.lookup_from_peer(&packet), Lookup::Unknown, "one hop only");
+        }
+        let (key, _g) = b.register(100, target(100), false);
+        assert_eq!(key.secret.as_bytes()[0] >> 2, 63);
+        let (key, _g) = b.register(100, target(100), true);
+        let mut forged = cancel_packet(&key);
+        forged[12] = 5;
+        assert_eq!(b.lookup(ip(), &forged, now), Lookup::Forged, "not sent on");
+        let stranger: CancelRegistry<(i32, [u8; 4])> =
+            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"another key"));
+        assert_eq!(stranger.lookup(ip(), &cancel_packet(&key), now), Lookup::Forged);
     }
 
     #[test]
@@ -259,19 +530,15 @@ mod tests {
         let junk = [0u8; 16];
         let now = Instant::now();
         for _ in 0..CANCEL_BURST as usize {
-            assert_eq!(reg.lookup(a, &junk, now).0, Lookup::Unknown);
+            assert_eq!(reg.lookup(a, &junk, now), Lookup::Unknown);
         }
-        assert_eq!(reg.lookup(a, &junk, now).0, Lookup::RateLimited);
+        assert_eq!(reg.lookup(a, &junk, now), Lookup::RateLimited);
         assert_eq!(
-            reg.lookup(b, &junk, now).0,
+            reg.lookup(b, &junk, now),
             Lookup::Unknown,
             "other sources are unaffected"
         );
         let later = now + Duration::from_millis(250);
-        assert_eq!(
-            reg.lookup(a, &junk, later).0,
-            Lookup::Unknown,
-            "the bucket refills"
-        );
+        assert_eq!(reg.lookup(a, &junk, later), Lookup::Unknown, "the bucket refills");
     }
 }

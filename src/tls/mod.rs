@@ -5,6 +5,7 @@
 //! connection: a `ServerConfig` is built once and shared by `Arc`.
 
 pub mod client_auth;
+pub mod peer;
 pub mod pem;
 pub mod server;
 

@@ -12,11 +12,15 @@ use super::{ProtocolError, CANCEL_REQUEST_CODE};
 /// behalf.
 pub const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
 
-/// NegotiateProtocolVersion naming 3.0 and the `_pq_.` options not
-/// supported. The full version number, as PostgreSQL sends it (libpq 18
-/// reads a bare minor number as a downgrade below 3.0).
-pub fn negotiate_protocol_version(options: Vec<String>) -> Result<BytesMut, ProtocolError> {
-    let msg = NegotiateProtocolVersion::new(Startup::PROTOCOL_VERSION_3_0, options);
+/// NegotiateProtocolVersion naming protocol 3.`minor` and the `_pq_.`
+/// options not supported. The full version number, as PostgreSQL sends it
+/// (libpq 18 reads a bare minor number as a downgrade below 3.0).
+pub fn negotiate_protocol_version(
+    minor: u16,
+    options: Vec<String>,
+) -> Result<BytesMut, ProtocolError> {
+    let version = Startup::PROTOCOL_VERSION_3_0 | i32::from(minor);
+    let msg = NegotiateProtocolVersion::new(version, options);
     let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
     msg.encode(&mut buf)
         .map_err(|_| ProtocolError::Malformed("startup options"))?;
@@ -39,7 +43,7 @@ mod tests {
 
     #[test]
     fn negotiate_protocol_version_layout() {
-        let buf = negotiate_protocol_version(vec!["_pq_.x".into()]).expect("encode");
+        let buf = negotiate_protocol_version(0, vec!["_pq_.x".into()]).expect("encode");
         assert_eq!(buf[0], b'v');
         assert_eq!(&buf[5..9], &196608i32.to_be_bytes());
         assert_eq!(&buf[9..13], &1i32.to_be_bytes());

@@ -35,6 +35,12 @@ pub struct StartupPacket {
     pub message: Startup,
 }
 
+/// The newest protocol version the proxy speaks with clients: 3.2
+/// (PostgreSQL 18), which differs from 3.0 only in the cancel key's length.
+/// Backends are always spoken to in 3.0: the proxy issues the client's key
+/// itself, so the two legs need not agree.
+pub const LATEST_MINOR: u16 = 2;
+
 /// PostgreSQL keeps names to `NAMEDATALEN - 1` bytes (pg_config_manual.h)
 /// and silently truncates longer ones in `ProcessStartupPacket`.
 pub const NAMEDATALEN: usize = 64;
@@ -83,6 +89,19 @@ impl StartupPacket {
             database,
             replication,
         })
+    }
+
+    /// The protocol version the client gets, as PostgreSQL 18 decides it:
+    /// what it asked for, down to 3.2 (3.1 is accepted as it is, with a
+    /// 3.0 key).
+    pub fn client_minor(&self) -> u16 {
+        self.minor.min(LATEST_MINOR)
+    }
+
+    /// Whether the client's cancel key is a 3.2 one (variable length; the
+    /// proxy's are 32 bytes, as PostgreSQL 18's).
+    pub fn long_cancel_key(&self) -> bool {
+        self.client_minor() >= 2
     }
 
     /// `_pq_.` protocol options the client asked for (none are supported).

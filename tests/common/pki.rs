@@ -146,6 +146,28 @@ impl Pki {
     /// A server leaf signed by the intermediate: CN `name`, serverAuth EKU,
     /// and each of `sans` as an IP SAN if it parses as an IP, else DNS.
     pub fn issue_server(&self, name: &str, sans: &[&str]) -> CertFiles {
+        let params = self.named_leaf(name, sans, vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        self.issue_leaf(&format!("server-{name}"), params, None)
+    }
+
+    /// A fleet replica's leaf: presented in both directions of the peer
+    /// link, so serverAuth and clientAuth, with `sans` as for a server.
+    pub fn issue_peer(&self, name: &str, sans: &[&str]) -> CertFiles {
+        let usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let params = self.named_leaf(name, sans, usages);
+        self.issue_leaf(&format!("peer-{name}"), params, None)
+    }
+
+    /// Each of `sans` as an IP SAN if it parses as an IP, else DNS.
+    fn named_leaf(
+        &self,
+        name: &str,
+        sans: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> CertificateParams {
         let now = SystemTime::now();
         let mut params = leaf_params(name, now - DAY, now + 365 * DAY);
         params.subject_alt_names = sans
@@ -155,8 +177,8 @@ impl Pki {
                 Err(_) => SanType::DnsName(ia5(san)),
             })
             .collect();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue_leaf(&format!("server-{name}"), params, None)
+        params.extended_key_usages = usages;
+        params
     }
 
     /// A client leaf signed by the intermediate: CN `cn`, clientAuth EKU.

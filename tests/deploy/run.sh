@@ -47,16 +47,24 @@ if [ -x "$env_dir/bin/kubernetes-validate" ]; then
   done
 
   # 2. The ConfigMap's configuration, checked by the proxy itself.
-  "$proxy" dev-certs --out "$work/tls" >/dev/null
+  "$proxy" dev-certs --out "$work/tls" --peer pg-tls-proxy-peers.default.svc.cluster.local >/dev/null
   cp "$work/tls/server.crt" "$work/tls/tls.crt"; cp "$work/tls/server.key" "$work/tls/tls.key"
+  mkdir -p "$work/peer-tls" "$work/fleet"
+  cp "$work/tls/peer-pg-tls-proxy-peers.default.svc.cluster.local.crt" "$work/peer-tls/tls.crt"
+  cp "$work/tls/peer-pg-tls-proxy-peers.default.svc.cluster.local.key" "$work/peer-tls/tls.key"
+  cp "$work/tls/fleet-ca.crt" "$work/peer-tls/ca.crt"
+  head -c 32 /dev/urandom | base64 > "$work/fleet/cancel-key"
   "$env_dir/bin/python" - "$work" <<'PY' || fail "kubernetes configmap TOML" "could not extract it"
 import sys, yaml
 work = sys.argv[1]
 doc = yaml.safe_load(open("examples/kubernetes/configmap.yaml"))
-toml = doc["data"]["pg-tls-proxy.toml"].replace("/etc/pg-tls-proxy/tls/", work + "/tls/")
+toml = doc["data"]["pg-tls-proxy.toml"]
+for d in ("tls", "peer-tls", "fleet"):
+    toml = toml.replace(f"/etc/pg-tls-proxy/{d}/", f"{work}/{d}/")
 open(work + "/configmap.toml", "w").write(toml)
 PY
-  if out=$("$proxy" check --config "$work/configmap.toml" 2>&1); then
+  # As in the StatefulSet's first pod: the replica id is its ordinal.
+  if out=$(HOSTNAME=pg-tls-proxy-0 "$proxy" check --config "$work/configmap.toml" 2>&1); then
     ok "kubernetes configmap pg-tls-proxy.toml" "(pg-tls-proxy check)"
   else
     fail "kubernetes configmap pg-tls-proxy.toml" "$(tail -n 1 <<<"$out")"

@@ -10,6 +10,12 @@
 #                   replica's audit event logs as `peer`; HAProxy's
 #                   connection is `via`;
 #   round-robin     connections spread over all three replicas;
+#   cancel-*        psycopg (libpq 18) cancels whose connection HAProxy
+#                   sends to another replica than the session's: sent on
+#                   over the fleet's mTLS peer link, 57014 (legacy
+#                   plaintext PQcancel, libpq 17+ encrypted cancel, and
+#                   both with protocol 3.2's long keys); forged 3.0 and
+#                   3.2 keys for a live pid cancel nothing;
 #   drain           pgbench -C through HAProxy while one replica is sent
 #                   SIGTERM: 0 failed transactions, and the drained replica
 #                   logs its drain.
@@ -61,12 +67,26 @@ max_connections = 100
 CONF
 "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null || die "PostgreSQL did not start"
 psql -X -q -h "$work/pg" -p "$pg_port" -U postgres -c "CREATE ROLE bob LOGIN" || die "setup SQL failed"
-"$proxy" dev-certs --out "$work/pki" >/dev/null || die "dev-certs failed"
+"$proxy" dev-certs --out "$work/pki" --peer pg-tls-proxy-peer >/dev/null || die "dev-certs failed"
+head -c 48 /dev/urandom | base64 > "$work/cancel-key"; chmod 600 "$work/cancel-key"
 
-# Three replicas, PROXY v2 required from 127.0.0.1 (HAProxy).
-declare -a dport aport
+# psycopg 3 with its bundled libpq 18: the client matrix's venv, or one of our own.
+vpy=$root/target/clients-env/venv/bin/python
+if ! "$vpy" -c 'import psycopg' 2>/dev/null; then
+  vpy=$root/target/fleet-env/bin/python
+  if ! "$vpy" -c 'import psycopg' 2>/dev/null; then
+    log "python venv: psycopg"
+    python3 -m venv "$root/target/fleet-env" || die "python3 -m venv failed (apt-get install python3-venv)"
+    "$vpy" -m pip install -q --disable-pip-version-check "$(grep -i '^psycopg' tests/clients/requirements.txt)" \
+      || die "pip install psycopg failed"
+  fi
+fi
+
+# Three replicas, PROXY v2 required from 127.0.0.1 (HAProxy); a fleet
+# whose ids come from the host name's ordinal, as in a StatefulSet.
+declare -a dport aport fport
+for i in 0 1 2; do dport[$i]=$(port); aport[$i]=$(port); fport[$i]=$(port); done
 for i in 0 1 2; do
-  dport[$i]=$(port); aport[$i]=$(port)
   cat > "$work/r$i.toml" <<CONF
 [listen]
 address = "127.0.0.1:${dport[$i]}"
@@ -81,8 +101,17 @@ address = "127.0.0.1:$pg_port"
 address = "127.0.0.1:${aport[$i]}"
 [shutdown]
 grace_period = "5s"
+[fleet]
+replica_id = "ordinal"
+listen = "127.0.0.1:${fport[$i]}"
+peers = ["127.0.0.1:${fport[0]}", "127.0.0.1:${fport[1]}", "127.0.0.1:${fport[2]}"]
+cert = "$work/pki/peer-pg-tls-proxy-peer.crt"
+key = "$work/pki/peer-pg-tls-proxy-peer.key"
+ca = "$work/pki/fleet-ca.crt"
+server_name = "pg-tls-proxy-peer"
+cancel_key = { password_file = "$work/cancel-key" }
 CONF
-  RUST_LOG=info "$proxy" --config "$work/r$i.toml" >"$work/r$i.log" 2>&1 &
+  HOSTNAME=pg-tls-proxy-$i RUST_LOG=info "$proxy" --config "$work/r$i.toml" >"$work/r$i.log" 2>&1 &
   pids+=($!); rpid[$i]=$!
 done
 lb_port=$(port); stats_port=$(port)
@@ -166,6 +195,16 @@ for i in 0 1 2; do
   [ "$n" -gt 0 ] || spread=0
 done
 if [ "$spread" = 1 ]; then ok round-robin "${counts% }"; else fail round-robin "not every replica served: ${counts% }"; fi
+
+# cancel-*: psycopg's cancels through HAProxy land on another replica.
+admins=$(IFS=,; echo "${aport[*]}")
+for c in legacy encrypted v32 v32-legacy forged; do
+  if out=$("$vpy" tests/fleet/cancel_cases.py "$conn" "$admins" "$lb_port" "$c" 2>&1); then
+    ok "cancel-$c" "$(printf '%s' "$out" | tail -n 1)"
+  else
+    fail "cancel-$c" "$(printf '%s' "$out" | tail -n 3 | tr '\n' ' ')"
+  fi
+done
 
 # drain: pgbench -C through HAProxy, SIGTERM to r0 during it.
 echo "SELECT 1;" > "$work/select1.sql"

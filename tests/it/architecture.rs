@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "wire"],
     // Pure decisions, and TLS.
     &["policy", "tls"],
-    &["backend"],
+    &["backend", "fleet"],
     // The reloadable state built from config.
     &["runtime"],
     // One connection's pipeline.

@@ -16,6 +16,7 @@ mod concurrent_200_sessions;
 mod config_errors_exit_64;
 mod copy_100mb_byte_identical;
 mod explain_tool;
+mod fleet_cancel_across_replicas;
 mod hardening_backend_and_admin;
 mod hardening_fds_and_backlog;
 mod hardening_replication;

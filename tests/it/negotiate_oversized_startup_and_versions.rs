@@ -64,7 +64,9 @@ async fn oversized_startup_and_versions() {
     assert_eq!(tag, b'E');
     assert!(error_fields(&body)[&'M'].contains("unsupported frontend protocol"));
 
-    // Protocol 3.2 with a _pq_ option: NegotiateProtocolVersion, then on.
+    // Protocol 3.2 with a _pq_ option: NegotiateProtocolVersion naming 3.2
+    // (what PostgreSQL 18 sends; the backend behind speaks 3.0), then on,
+    // with a 3.2 cancel key.
     let mut tls = tls_session(&proxy, &pki).await;
     tls.write_all(&startup_message_version(
         196610,
@@ -79,12 +81,45 @@ async fn oversized_startup_and_versions() {
     let msgs = read_until_ready(&mut tls).await.expect("answer");
     let (tag, body) = &msgs[0];
     assert_eq!(*tag, b'v');
-    assert_eq!(
-        &body[..4],
-        &196608i32.to_be_bytes(),
-        "newest version 3.0, as PostgreSQL 15 sends it"
-    );
+    assert_eq!(&body[..4], &196610i32.to_be_bytes(), "newest version 3.2");
     assert_eq!(&body[4..8], &1i32.to_be_bytes(), "one unsupported option");
     assert_eq!(&body[8..], b"_pq_.test\0");
+    let key = &msgs
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData")
+        .1;
+    assert_eq!(key.len(), 4 + 32, "a 32-byte secret, as PostgreSQL 18's");
     assert_eq!(msgs.last().expect("msg").0, b'Z');
+
+    // Each minor version as PostgreSQL 18 answers it: 3.0, 3.1 and 3.2 go
+    // on without NegotiateProtocolVersion (libpq 18 refuses one that
+    // changes nothing), 3.3 gets one naming 3.2; 3.2 and later get a long key.
+    for (minor, negotiated, key_len) in [
+        (0, None, 8),
+        (1, None, 8),
+        (2, None, 36),
+        (3, Some(196610), 36),
+    ] {
+        let mut tls = tls_session(&proxy, &pki).await;
+        tls.write_all(&startup_message_version(
+            196608 + minor,
+            &[("user", "bob"), ("database", "postgres")],
+        ))
+        .await
+        .expect("send");
+        let msgs = read_until_ready(&mut tls).await.expect("answer");
+        let v = msgs.iter().find(|(t, _)| *t == b'v').map(|(_, b)| {
+            assert_eq!(&b[4..], &[0, 0, 0, 0], "no options");
+            i32::from_be_bytes([b[0], b[1], b[2], b[3]])
+        });
+        assert_eq!(v, negotiated, "3.{minor}");
+        let key = &msgs
+            .iter()
+            .find(|(t, _)| *t == b'K')
+            .expect("BackendKeyData")
+            .1;
+        assert_eq!(key.len(), key_len, "3.{minor}");
+        assert_eq!(msgs.last().expect("msg").0, b'Z', "3.{minor}");
+    }
 }

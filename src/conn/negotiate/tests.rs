@@ -29,7 +29,7 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tempfile::tempdir().expect("tempdir");
-    crate::cli::devcerts::write(dir.path(), &["localhost".into()], &[]).expect("certs");
+    crate::cli::devcerts::write(dir.path(), &["localhost".into()], &[], &[]).expect("certs");
     let tls = Tls {
         server: Some(CertKey {
             cert: dir.path().join("server.crt"),
