@@ -21,8 +21,12 @@ pub(super) async fn forward(conn: &Conn<'_>, packet: &[u8], path: Path) {
         Lookup::Found(target) => deliver(ctx, target).await,
         Lookup::Peer(id) => {
             let tls = conn.rt.fleet_tls.as_ref().map(|t| &t.client);
-            match (&ctx.fleet, tls) {
-                (Some(fleet), Some(tls)) => fleet.forward(tls, id, packet).await,
+            match (&ctx.fleet, tls, ctx.fds.try_take()) {
+                (Some(fleet), Some(tls), Some(_fd)) => fleet.forward(tls, id, packet).await,
+                (Some(_), Some(_), None) => {
+                    ctx.out_of_descriptors("backend");
+                    "failed"
+                }
                 _ => "unknown",
             }
         }
