@@ -12,7 +12,8 @@ use crate::backend::cancel::CancelTarget;
 use super::Context;
 use crate::policy::cancel::Lookup;
 
-pub(super) async fn forward(conn: &Conn<'_>, packet: &[u8], path: Path) {
+/// Returns the result, as `pgtls_cancel_requests_total` counts it.
+pub(super) async fn forward(conn: &Conn<'_>, packet: &[u8], path: Path) -> &'static str {
     let ctx = conn.ctx;
     let lookup = ctx
         .cancels
@@ -37,6 +38,7 @@ pub(super) async fn forward(conn: &Conn<'_>, packet: &[u8], path: Path) {
         .cancel_requests
         .with_label_values(&[result])
         .inc();
+    result
 }
 
 /// Sends the backend's CancelRequest for a session of this replica;

@@ -164,7 +164,7 @@ async fn drive(
         } => {
             record.tls = tls;
             record.kind = Kind::Cancel;
-            cancel::forward(conn, &packet, path).await;
+            record.cancel = Some(cancel::forward(conn, &packet, path).await);
             // Never a reply; but close as PostgreSQL does, with a TLS
             // close_notify, so libpq 17's encrypted cancel sees a clean end.
             let _ = stream.shutdown().await;
@@ -220,6 +220,7 @@ async fn session(
     span.record("database", database.as_str());
     record.user = Some(user.clone());
     record.database = Some(database.clone());
+    record.protocol_minor = Some(startup.client_minor());
     let access = authorize(
         rt,
         &conn.ctx.metrics,

@@ -87,6 +87,10 @@ pub struct SessionRecord {
     /// off by a forced close.
     pub close_reason: CloseReason,
     pub error: Option<&'static str>,
+    /// The protocol minor version the client speaks (3.x), once known.
+    pub protocol_minor: Option<u16>,
+    /// What became of a CancelRequest (`pgtls_cancel_requests_total`'s result).
+    pub cancel: Option<&'static str>,
 }
 
 impl SessionRecord {
@@ -121,6 +125,8 @@ impl SessionRecord {
             relay_started: None,
             close_reason: CloseReason::Shutdown,
             error: None,
+            protocol_minor: None,
+            cancel: None,
         }
     }
 }
@@ -163,6 +169,8 @@ impl Drop for SessionRecord {
             peer = %self.peer,
             path = self.kind.as_str(),
             sni = tls.sni.as_deref().unwrap_or(""),
+            protocol = %self.protocol_minor.map_or(String::new(), |m| format!("3.{m}")),
+            cancel = self.cancel.unwrap_or(""),
             tls_version = tls.version,
             cipher = tls.cipher,
             tls_resumed = tls.resumed,

@@ -206,6 +206,17 @@ for c in legacy encrypted v32 v32-legacy forged; do
   fi
 done
 
+# cancel-audit: the audit events say what became of each cancel, and which
+# protocol the sessions spoke.
+sleep 0.5
+peers=$(grep -h "session ended" "$work"/r?.log | grep -c 'cancel="\?peer')
+v32=$(grep -h "session ended" "$work"/r?.log | grep -c 'protocol=3\.2')
+if [ "$peers" -ge 4 ] && [ "$v32" -ge 2 ]; then
+  ok cancel-audit "$peers cancel=peer events, $v32 protocol=3.2 sessions"
+else
+  fail cancel-audit "cancel=peer events: $peers (want >= 4), protocol=3.2 sessions: $v32 (want >= 2)"
+fi
+
 # drain: pgbench -C through HAProxy, SIGTERM to r0 during it.
 echo "SELECT 1;" > "$work/select1.sql"
 PGSSLMODE=verify-full PGSSLROOTCERT="$work/pki/ca.crt" "$bindir/pgbench" -n -C -c 4 -j 2 -T 6 -f "$work/select1.sql" \
