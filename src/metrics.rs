@@ -193,7 +193,7 @@ impl Metrics {
             )?,
             cancel_peer: r.counters(
                 "pgtls_cancel_peer_total",
-                "CancelRequests between replicas, by direction (sent, received) and result (sent: delivered, no_peer, failed; received: forwarded, unknown, forged, failed, refused).",
+                "CancelRequests between replicas, by direction (sent, received) and result (sent: delivered, no_peer, failed; received: forwarded, unknown, forged, rate_limited, failed, refused (TLS or protocol), busy (too many peer connections)).",
                 &["direction", "result"],
             )?,
             fleet_probes: r.counters(
@@ -348,7 +348,7 @@ impl Metrics {
         for result in ["delivered", "no_peer", "failed"] {
             m.cancel_peer.with_label_values(&["sent", result]);
         }
-        for result in ["forwarded", "unknown", "forged", "failed", "refused"] {
+        for result in ["forwarded", "unknown", "forged", "rate_limited", "failed", "refused", "busy"] {
             m.cancel_peer.with_label_values(&["received", result]);
         }
         Ok(m)

@@ -106,13 +106,26 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
                 .map(|k| read_secret(k, "fleet.cancel_key", "the fleet's cancel key"))
                 .transpose()?
                 .unwrap_or_default();
-            if key.len() < 32 {
+            let previous = f
+                .previous_cancel_key
+                .as_ref()
+                .map(|k| {
+                    read_secret(
+                        k,
+                        "fleet.previous_cancel_key",
+                        "the fleet's previous cancel key",
+                    )
+                })
+                .transpose()?;
+            let short = |k: &str| k.len() < 32;
+            if short(&key) || previous.as_deref().is_some_and(short) {
                 return Err(StartError::Fleet(
-                    "fleet.cancel_key must be at least 32 bytes (e.g. `openssl rand -base64 32`)"
+                    "fleet.cancel_key and fleet.previous_cancel_key must be at least 32 bytes (e.g. `openssl rand -base64 32`)"
                         .into(),
                 ));
             }
-            let scheme = KeyScheme::fleet(id, key.as_bytes());
+            let scheme =
+                KeyScheme::fleet(id, key.as_bytes(), previous.as_deref().map(str::as_bytes));
             info!(replica_id = id, "fleet replica");
             (Some(Arc::new(Fleet::new(f, id, metrics.clone()))), scheme)
         }
@@ -192,14 +205,11 @@ pub async fn serve(
     ));
     let readiness = Arc::new(ReadyState::new(config.admin.unready_after_backend_failures));
     let fleet_stop = CancellationToken::new();
+    // Until the start succeeds, leaving stops the peer listener: a replica
+    // that failed to start must not answer for its id.
+    let fleet_guard = fleet_stop.clone().drop_guard();
     let fleet_addr = match (&shared.fleet, &config.fleet) {
-        (Some(fleet), Some(c)) => match join_fleet(fleet, c, &shared, &fleet_stop).await {
-            Ok(addr) => Some(addr),
-            Err(e) => {
-                fleet_stop.cancel();
-                return Err(e);
-            }
-        },
+        (Some(fleet), Some(c)) => Some(join_fleet(fleet, c, &shared, &fleet_stop).await?),
         _ => None,
     };
     let admin_stop = CancellationToken::new();
@@ -269,6 +279,7 @@ pub async fn serve(
         .serving
         .store(true, std::sync::atomic::Ordering::Relaxed);
     shared.metrics.ready.set(1);
+    let fleet_stop = fleet_guard.disarm();
     // Logged once ready: whoever waits for this line may connect and probe.
     info!(%local_addr, "listening");
     Ok(Handle {
@@ -312,9 +323,9 @@ async fn join_fleet(
     };
     if let Some(tls) = client_tls() {
         let report = fleet.refresh(&tls).await;
-        if let Some(dup) = report.duplicates.first() {
+        if let Some(holder) = report.taken_by {
             return Err(StartError::Fleet(format!(
-                "replica id {} is already taken by the replica at {dup}",
+                "replica id {} is already taken by the replica at {holder}",
                 fleet.me().replica
             )));
         }
@@ -327,9 +338,14 @@ async fn join_fleet(
 /// Peer connections are few (one per forwarded cancel or probe).
 const PEER_BACKLOG: u32 = 128;
 const MAX_PEER_CONNECTIONS: usize = 64;
+/// From one address at once: one source cannot take every slot.
+const MAX_PEER_CONNECTIONS_PER_SOURCE: usize = 8;
+
+type PerSource = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
 async fn peer_accept_loop(listener: TcpListener, shared: Arc<Context>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let per_source = PerSource::default();
     loop {
         let (tcp, from) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -342,16 +358,64 @@ async fn peer_accept_loop(listener: TcpListener, shared: Arc<Context>, stop: Can
                 }
             },
         };
+        let Some(source) = SourceSlot::take(&per_source, from.ip()) else {
+            busy(&shared, from);
+            continue;
+        };
         let (Ok(permit), Some(fd)) = (slots.clone().try_acquire_owned(), shared.fds.try_take())
         else {
-            debug!(%from, "fleet: too many peer connections; closed");
+            busy(&shared, from);
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             conn::peer::serve(tcp, from, &shared).await;
-            drop((permit, fd));
+            drop((permit, fd, source));
         });
+    }
+}
+
+/// A peer connection closed at once: too many at once, from anyone or
+/// from its address.
+fn busy(shared: &Context, from: SocketAddr) {
+    debug!(%from, "fleet: too many peer connections; closed");
+    shared
+        .metrics
+        .cancel_peer
+        .with_label_values(&["received", "busy"])
+        .inc();
+}
+
+/// One of a source address's peer connections; given back on drop.
+struct SourceSlot {
+    map: PerSource,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(map: &PerSource, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PEER_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 

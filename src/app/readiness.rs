@@ -1,5 +1,6 @@
 //! Readiness of this replica, as `/ready` reports it: bound and serving,
-//! not draining, and the backend reachable (not the last
+//! not draining, not a later duplicate of another replica's fleet id, and
+//! the backend reachable (not the last
 //! `admin.unready_after_backend_failures` connects failed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,9 @@ impl admin::Readiness for ProxyReadiness {
         }
         if !self.state.serving.load(Ordering::Relaxed) {
             return Err("starting".into());
+        }
+        if let Some(why) = self.ctx.fleet.as_ref().and_then(|f| f.conflict()) {
+            return Err(why);
         }
         if self.backend_down() {
             return Err(format!(

@@ -43,6 +43,9 @@ pub struct Fleet {
     /// cancel keys (`{ password_file = ".." }` or `{ password_env = ".." }`,
     /// at least 32 bytes).
     pub cancel_key: Option<SecretSource>,
+    /// The key being rotated out, while replicas change over: 3.2 keys
+    /// made under it still verify (new ones use `cancel_key`).
+    pub previous_cancel_key: Option<SecretSource>,
     /// Connect, handshake and send to a peer, and a peer's whole request.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -63,6 +66,7 @@ impl Default for Fleet {
             ca: Vec::new(),
             server_name: None,
             cancel_key: None,
+            previous_cancel_key: None,
             timeout: Duration::from_secs(2),
             refresh_interval: Duration::from_secs(30),
         }

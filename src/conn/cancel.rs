@@ -23,7 +23,9 @@ pub(super) async fn forward(conn: &Conn<'_>, packet: &[u8], path: Path) -> &'sta
         Lookup::Peer(id) => {
             let tls = conn.rt.fleet_tls.as_ref().map(|t| &t.client);
             match (&ctx.fleet, tls, ctx.fds.try_take()) {
-                (Some(fleet), Some(tls), Some(_fd)) => fleet.forward(tls, id, packet).await,
+                (Some(fleet), Some(tls), Some(_fd)) => {
+                    fleet.forward(tls, id, conn.peer.ip(), packet).await
+                }
                 (Some(_), Some(_), None) => {
                     ctx.out_of_descriptors("backend");
                     "failed"

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error};
+use tracing::debug;
 
 use super::cancel::deliver;
 use super::Context;
@@ -37,25 +37,22 @@ pub async fn serve(tcp: TcpStream, from: SocketAddr, ctx: &Context) {
         Ok(Err(e)) => return refused(ctx, from, &e.to_string()),
         Err(_) => return refused(ctx, from, "timed out"),
     };
-    if hello.replica == me.replica && hello.instance != me.instance {
-        error!(%from, replica = hello.replica, "fleet: a replica with this replica's id connected; ids must be unique (fleet.replica_id)");
-        ctx.metrics
-            .fleet_probes
-            .with_label_values(&["duplicate"])
-            .inc();
-        if matches!(request, Request::Cancel(_)) {
+    // A later replica with this replica's id: logged, counted, not served.
+    if fleet.met(&hello, from) {
+        if matches!(request, Request::Cancel { .. }) {
             count(ctx, "refused");
         }
         return;
     }
-    let Request::Cancel(packet) = request else {
+    let Request::Cancel { source, packet } = request else {
         return;
     };
-    let result = match ctx.cancels.lookup_from_peer(&packet) {
+    let now = std::time::Instant::now();
+    let result = match ctx.cancels.lookup_from_peer(source, &packet, now) {
         Lookup::Found(target) => deliver(ctx, target).await,
         other => other.as_str(),
     };
-    debug!(%from, replica = hello.replica, result, "CancelRequest from a peer");
+    debug!(%from, replica = hello.replica, %source, result, "CancelRequest from a peer");
     count(ctx, result);
 }
 

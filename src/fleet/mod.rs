@@ -10,19 +10,26 @@
 //!
 //! The directory (replica id → address) is learned, not configured: each
 //! `fleet.peers` entry is resolved (a headless Service's name resolves to
-//! every pod) and every new address is asked who it is (the peer link's
-//! hello). It is refreshed every `fleet.refresh_interval`, and at once when
-//! a key names an unknown replica or an address answers with another id
-//! than expected (a pod IP reused). A replica that answers with this
-//! replica's id and another instance is a duplicate: at start-up that
-//! refuses the start; later it is logged, counted and never used.
+//! every pod) and every address is asked who it is (the peer link's
+//! hello), every `fleet.refresh_interval` and at once (at most once a
+//! second) when a key names an unknown replica or its address fails or
+//! answers with another id (a pod replaced, its IP reused). An entry is
+//! kept through a failed DNS lookup or an unanswered probe until its
+//! address is known to be gone or taken.
+//!
+//! Two replicas with one id: the first started keeps it (hellos carry the
+//! start time). A replica that meets an earlier holder of its own id at
+//! start refuses to start; later, it turns unready (`/ready` 503) so that
+//! its clients move away, and logs why. The later one is never used by
+//! the others.
 
 pub mod wire;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -47,31 +54,26 @@ pub struct Fleet {
     server_name: Option<String>,
     timeout: Duration,
     refresh_interval: Duration,
-    directory: Mutex<Directory>,
-    /// Held while refreshing (one refresh at a time); when the last ended.
+    directory: Mutex<HashMap<u8, Peer>>,
+    /// Held while refreshing (one refresh at a time); when the last began.
     refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// An earlier replica has this replica's id: not ready.
+    conflict: AtomicBool,
     metrics: Metrics,
-}
-
-#[derive(Default)]
-struct Directory {
-    by_id: HashMap<u8, Peer>,
-    /// Addresses that answered: who (`None`: this replica itself).
-    seen: HashMap<SocketAddr, Option<u8>>,
 }
 
 #[derive(Clone)]
 struct Peer {
     addr: SocketAddr,
     name: ServerName<'static>,
-    instance: [u8; 16],
+    hello: Hello,
 }
 
 /// What a refresh found wrong.
 #[derive(Debug, Default)]
 pub struct Refresh {
-    /// Addresses where another replica claims this replica's id.
-    pub duplicates: Vec<SocketAddr>,
+    /// Where an earlier replica has this replica's id.
+    pub taken_by: Option<SocketAddr>,
 }
 
 /// Why a link to a peer failed.
@@ -104,10 +106,14 @@ impl Fleet {
             .fleet_info
             .with_label_values(&[&replica.to_string()])
             .set(1);
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Fleet {
             me: Hello {
                 replica,
                 instance: rand::random(),
+                started,
             },
             peers: c.peers.clone(),
             server_name: c.server_name.clone(),
@@ -115,6 +121,7 @@ impl Fleet {
             refresh_interval: c.refresh_interval,
             directory: Mutex::default(),
             refreshed: tokio::sync::Mutex::new(None),
+            conflict: AtomicBool::new(false),
             metrics,
         }
     }
@@ -127,12 +134,50 @@ impl Fleet {
         self.timeout
     }
 
+    /// Why this replica must not serve, if it must not: an earlier replica
+    /// has its id.
+    pub fn conflict(&self) -> Option<String> {
+        self.conflict.load(Ordering::Relaxed).then(|| {
+            format!(
+                "fleet: replica id {} belongs to an earlier replica",
+                self.me.replica
+            )
+        })
+    }
+
+    /// A peer introduced itself (`from` is where it was met). Returns
+    /// whether it is a later duplicate of this replica, never to be used.
+    pub fn met(&self, hello: &Hello, from: SocketAddr) -> bool {
+        if hello.replica != self.me.replica || hello.instance == self.me.instance {
+            return false;
+        }
+        self.metrics
+            .fleet_probes
+            .with_label_values(&["duplicate"])
+            .inc();
+        if hello.precedes(&self.me) {
+            if !self.conflict.swap(true, Ordering::Relaxed) {
+                error!(%from, replica = hello.replica, "fleet: an earlier replica has this replica's id: not ready until restarted with a unique fleet.replica_id");
+            }
+            false
+        } else {
+            error!(%from, replica = hello.replica, "fleet: a later replica has this replica's id; it is not used");
+            true
+        }
+    }
+
     /// Sends a client's CancelRequest on to replica `id`; returns the
     /// `pgtls_cancel_requests_total` result: "peer" when delivered,
     /// "unknown" when no such replica is known (its sessions ended with
     /// it, or the key is a guess), else "failed".
-    pub async fn forward(&self, tls: &Arc<ClientConfig>, id: u8, packet: &[u8]) -> &'static str {
-        let Some(request) = Request::cancel(packet) else {
+    pub async fn forward(
+        &self,
+        tls: &Arc<ClientConfig>,
+        id: u8,
+        source: IpAddr,
+        packet: &[u8],
+    ) -> &'static str {
+        let Some(request) = Request::cancel(source, packet) else {
             return "unknown";
         };
         for attempt in 0..2 {
@@ -153,14 +198,15 @@ impl Fleet {
                     self.count_sent("delivered");
                     return "peer";
                 }
-                Err(PeerError::Moved(now)) if attempt == 0 => {
-                    info!(replica = id, addr = %peer.addr, now, "replica moved: refreshing the directory");
-                    self.forget(peer.addr);
+                // The address changed hands or stopped answering: look
+                // again, once.
+                Err(e) if attempt == 0 => {
+                    info!(replica = id, addr = %peer.addr, "fleet: {e}; refreshing the directory");
+                    self.forget(id, peer.addr);
                 }
                 Err(e) => {
-                    self.count_sent("failed");
                     warn!(replica = id, addr = %peer.addr, "cancel not sent to the peer: {e}");
-                    return "failed";
+                    break;
                 }
             }
         }
@@ -177,22 +223,23 @@ impl Fleet {
 
     fn peer(&self, id: u8) -> Option<Peer> {
         let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
-        dir.by_id.get(&id).cloned()
+        dir.get(&id).cloned()
     }
 
-    fn forget(&self, addr: SocketAddr) {
+    fn forget(&self, id: u8, addr: SocketAddr) {
         let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
-        dir.seen.remove(&addr);
-        dir.by_id.retain(|_, p| p.addr != addr);
+        if dir.get(&id).is_some_and(|p| p.addr == addr) {
+            dir.remove(&id);
+        }
     }
 
     /// Replicas known now (this one excluded).
     pub fn known(&self) -> usize {
         let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
-        dir.by_id.len()
+        dir.len()
     }
 
-    /// Resolves `fleet.peers` again and asks every new address who it is.
+    /// Resolves `fleet.peers` again and asks every address who it is.
     pub async fn refresh(&self, tls: &Arc<ClientConfig>) -> Refresh {
         let mut last = self.refreshed.lock().await;
         self.refresh_locked(tls, &mut last).await
@@ -214,7 +261,91 @@ impl Fleet {
 
     async fn refresh_locked(&self, tls: &Arc<ClientConfig>, last: &mut Option<Instant>) -> Refresh {
         *last = Some(Instant::now());
-        let mut resolved: Vec<(SocketAddr, ServerName<'static>)> = Vec::new();
+        let (resolved, complete) = self.resolve().await;
+        let mut probes = tokio::task::JoinSet::new();
+        for (addr, name) in resolved.iter().cloned() {
+            let (tls, me, timeout) = (tls.clone(), self.me, self.timeout);
+            probes.spawn(async move {
+                let peer = Peer { addr, name, hello: me };
+                let answer = exchange(me, timeout, &tls, &peer, None, &Request::Probe).await;
+                (answer, peer)
+            });
+        }
+        let mut found: HashMap<u8, Peer> = HashMap::new();
+        // Addresses that answered, whoever they are.
+        let mut answered: Vec<SocketAddr> = Vec::new();
+        let mut report = Refresh::default();
+        while let Some(done) = probes.join_next().await {
+            let Ok((answer, mut peer)) = done else { continue };
+            let hello = match answer {
+                Ok(hello) => hello,
+                Err(e) => {
+                    debug!(addr = %peer.addr, "fleet: no answer: {e}");
+                    self.count_probe("failed");
+                    continue;
+                }
+            };
+            answered.push(peer.addr);
+            if hello.instance == self.me.instance {
+                self.count_probe("self");
+                continue;
+            }
+            if hello.replica == self.me.replica {
+                self.met(&hello, peer.addr);
+                if hello.precedes(&self.me) {
+                    report.taken_by = Some(peer.addr);
+                }
+                continue;
+            }
+            peer.hello = hello;
+            match found.get(&hello.replica) {
+                Some(other) if other.hello.instance != hello.instance => {
+                    let (keep, drop) = if other.hello.precedes(&hello) {
+                        (other.clone(), peer)
+                    } else {
+                        (peer, other.clone())
+                    };
+                    error!(
+                        replica = hello.replica,
+                        kept = %keep.addr,
+                        ignored = %drop.addr,
+                        "fleet: two replicas claim the same id; the first started keeps it"
+                    );
+                    self.count_probe("duplicate");
+                    found.insert(hello.replica, keep);
+                }
+                _ => {
+                    self.count_probe("peer");
+                    found.insert(hello.replica, peer);
+                }
+            }
+        }
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries this round did not confirm stay while their address may
+        // still be theirs: it did not answer as someone else, and it still
+        // resolves (or a lookup failed, so nobody knows).
+        for (id, old) in dir.drain() {
+            let gone = answered.contains(&old.addr)
+                || (complete && !resolved.iter().any(|(a, _)| *a == old.addr));
+            if !gone && !found.contains_key(&id) {
+                found.insert(id, old);
+            }
+        }
+        for (id, peer) in &found {
+            if !dir.contains_key(id) {
+                debug!(replica = id, addr = %peer.addr, "fleet: peer");
+            }
+        }
+        *dir = found;
+        self.metrics.fleet_peers.set(dir.len() as i64);
+        report
+    }
+
+    /// Every address of every `peers` entry, with the name to verify;
+    /// `false` when a lookup failed.
+    async fn resolve(&self) -> (Vec<(SocketAddr, ServerName<'static>)>, bool) {
+        let mut resolved = Vec::new();
+        let mut complete = true;
         for entry in &self.peers {
             let host = self
                 .server_name
@@ -226,91 +357,31 @@ impl Fleet {
             };
             match tokio::time::timeout(self.timeout, tokio::net::lookup_host(entry.as_str())).await
             {
-                Ok(Ok(addrs)) => resolved.extend(addrs.map(|a| (a, name.clone()))),
-                Ok(Err(e)) => debug!(peer = entry, "fleet: cannot resolve: {e}"),
-                Err(_) => debug!(peer = entry, "fleet: resolving timed out"),
-            }
-        }
-        let new: Vec<(SocketAddr, ServerName<'static>)> = {
-            let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
-            // Addresses that no longer resolve are gone (a pod replaced).
-            dir.seen.retain(|a, _| resolved.iter().any(|(r, _)| r == a));
-            dir.by_id
-                .retain(|_, p| resolved.iter().any(|(r, _)| *r == p.addr));
-            resolved
-                .into_iter()
-                .filter(|(a, _)| !dir.seen.contains_key(a))
-                .collect()
-        };
-        let mut probes = tokio::task::JoinSet::new();
-        for (addr, name) in new {
-            let peer = Peer {
-                addr,
-                name,
-                instance: [0; 16],
-            };
-            let tls = tls.clone();
-            let me = self.me;
-            let timeout = self.timeout;
-            probes.spawn(async move {
-                let answer = exchange(me, timeout, &tls, &peer, None, &Request::Probe).await;
-                (answer, peer)
-            });
-        }
-        let mut report = Refresh::default();
-        while let Some(done) = probes.join_next().await {
-            let Ok((answer, mut peer)) = done else { continue };
-            let result = match answer {
-                Err(e) => {
-                    debug!(addr = %peer.addr, "fleet: no answer: {e}");
-                    "failed"
-                }
-                Ok(hello) if hello.instance == self.me.instance => {
-                    self.directory
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .seen
-                        .insert(peer.addr, None);
-                    "self"
-                }
-                Ok(hello) if hello.replica == self.me.replica => {
-                    error!(
-                        addr = %peer.addr,
-                        replica = hello.replica,
-                        "fleet: another replica has this replica's id; ids must be unique (fleet.replica_id)"
-                    );
-                    report.duplicates.push(peer.addr);
-                    "duplicate"
-                }
-                Ok(hello) => {
-                    peer.instance = hello.instance;
-                    let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
-                    match dir.by_id.get(&hello.replica) {
-                        Some(other) if other.instance != hello.instance => {
-                            error!(
-                                replica = hello.replica,
-                                addr = %peer.addr,
-                                first = %other.addr,
-                                "fleet: two replicas claim the same id; keeping the first"
-                            );
-                            "duplicate"
-                        }
-                        _ => {
-                            dir.seen.insert(peer.addr, Some(hello.replica));
-                            info!(replica = hello.replica, addr = %peer.addr, "fleet: peer found");
-                            dir.by_id.insert(hello.replica, peer);
-                            "peer"
+                Ok(Ok(addrs)) => {
+                    for a in addrs {
+                        if !resolved.iter().any(|(r, _)| *r == a) {
+                            resolved.push((a, name.clone()));
                         }
                     }
                 }
-            };
-            self.metrics
-                .fleet_probes
-                .with_label_values(&[result])
-                .inc();
+                Ok(Err(e)) => {
+                    complete = false;
+                    warn!(peer = entry, "fleet: cannot resolve: {e}");
+                }
+                Err(_) => {
+                    complete = false;
+                    warn!(peer = entry, "fleet: resolving timed out");
+                }
+            }
         }
-        self.metrics.fleet_peers.set(self.known() as i64);
-        report
+        (resolved, complete)
+    }
+
+    fn count_probe(&self, result: &str) {
+        self.metrics
+            .fleet_probes
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// Refreshes every `fleet.refresh_interval` until `stop`.

@@ -26,7 +26,10 @@
 //! A 3.0 guess must match pid and secret: 2^26 secrets per pid in a fleet
 //! (2^32 alone), with the per-source rate limit (20 at once, then 10 per
 //! second) as the guard: about 39 days of guessing per pid and source
-//! address for an even chance in a fleet. A 3.2 key cannot be forged
+//! address for an even chance in a fleet. A guess sent through other
+//! replicas meets the issuing replica's budget as well (peers send the
+//! client's address with the request), so spreading guesses over the
+//! fleet does not multiply the rate. A 3.2 key cannot be forged
 //! without the fleet's key: the MAC is checked before anything else, so a
 //! forged key is dropped by the first replica that sees it and never
 //! forwarded.
@@ -109,6 +112,8 @@ pub struct KeyScheme {
     /// This replica's id (below [`MAX_REPLICAS`]); `None` for a lone proxy.
     replica: Option<u8>,
     mac: hmac::Key,
+    /// A key being rotated out: 3.2 keys it made still verify.
+    previous: Option<hmac::Key>,
 }
 
 impl KeyScheme {
@@ -118,15 +123,18 @@ impl KeyScheme {
         KeyScheme {
             replica: None,
             mac: hmac::Key::new(hmac::HMAC_SHA256, &key),
+            previous: None,
         }
     }
 
-    /// A fleet replica; every replica must share `mac_key`.
-    pub fn fleet(replica: u8, mac_key: &[u8]) -> KeyScheme {
+    /// A fleet replica; every replica must share `mac_key` (and, while it
+    /// is being rotated out, `previous`).
+    pub fn fleet(replica: u8, mac_key: &[u8], previous: Option<&[u8]>) -> KeyScheme {
         assert!(replica < MAX_REPLICAS, "replica ids are checked at load");
         KeyScheme {
             replica: Some(replica),
             mac: hmac::Key::new(hmac::HMAC_SHA256, mac_key),
+            previous: previous.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
         }
     }
 
@@ -146,26 +154,24 @@ impl KeyScheme {
         let mut s = [0u8; LONG_SECRET];
         s[0] = self.replica.unwrap_or(0);
         rng.fill(&mut s[1..MAC_COVERS]);
-        let tag = self.tag(pid, &s[..MAC_COVERS]);
+        let tag = tag(&self.mac, pid, &s[..MAC_COVERS]);
         s[MAC_COVERS..].copy_from_slice(&tag.as_ref()[..LONG_SECRET - MAC_COVERS]);
         Secret::new(&s)
     }
 
-    fn tag(&self, pid: i32, covered: &[u8]) -> hmac::Tag {
-        let mut ctx = hmac::Context::with_key(&self.mac);
-        ctx.update(&pid.to_be_bytes());
-        ctx.update(covered);
-        ctx.sign()
-    }
-
-    /// Whether a 3.2 secret carries our MAC (constant time).
+    /// Whether a 3.2 secret carries our MAC (constant time), under the
+    /// current key or the one being rotated out.
     fn authentic(&self, pid: i32, secret: &[u8]) -> bool {
-        let tag = self.tag(pid, &secret[..MAC_COVERS]);
-        subtle::ConstantTimeEq::ct_eq(
-            &tag.as_ref()[..LONG_SECRET - MAC_COVERS],
-            &secret[MAC_COVERS..],
-        )
-        .into()
+        std::iter::once(&self.mac)
+            .chain(&self.previous)
+            .any(|key| {
+                let tag = tag(key, pid, &secret[..MAC_COVERS]);
+                subtle::ConstantTimeEq::ct_eq(
+                    &tag.as_ref()[..LONG_SECRET - MAC_COVERS],
+                    &secret[MAC_COVERS..],
+                )
+                .into()
+            })
     }
 
     /// The replica a key names, when it is not this one.
@@ -177,6 +183,13 @@ impl KeyScheme {
         };
         (id != me).then_some(id)
     }
+}
+
+fn tag(key: &hmac::Key, pid: i32, covered: &[u8]) -> hmac::Tag {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(&pid.to_be_bytes());
+    ctx.update(covered);
+    ctx.sign()
 }
 
 /// A CancelRequest's key, taken apart.
@@ -338,9 +351,14 @@ impl<T: Clone> CancelRegistry<T> {
     }
 
     /// What a CancelRequest another replica sent on stands for: this
-    /// replica's sessions only (a cancel travels one hop at most); the
-    /// sender applied the client's rate limit.
-    pub fn lookup_from_peer(&self, packet: &[u8]) -> Lookup<T> {
+    /// replica's sessions only (a cancel travels one hop at most). The
+    /// client (`source`) is rate-limited here too, so that guesses spread
+    /// over every replica of a fleet still meet one budget: the issuing
+    /// replica's.
+    pub fn lookup_from_peer(&self, source: IpAddr, packet: &[u8], now: Instant) -> Lookup<T> {
+        if !self.allow(source, now) {
+            return Lookup::RateLimited;
+        }
         let Some(req) = request(packet) else {
             return Lookup::Unknown;
         };
@@ -499,17 +517,17 @@ mod tests {
     #[test]
     fn fleet_keys_name_their_replica() {
         let a: CancelRegistry<(i32, [u8; 4])> =
-            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"shared"));
+            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"shared", None));
         let b: CancelRegistry<(i32, [u8; 4])> =
-            CancelRegistry::with_scheme(KeyScheme::fleet(63, b"shared"));
+            CancelRegistry::with_scheme(KeyScheme::fleet(63, b"shared", None));
         let now = Instant::now();
         for long in [false, true] {
             let (key, _g) = a.register(100, target(100), long);
             let packet = cancel_packet(&key);
             assert_eq!(a.lookup(ip(), &packet, now), Lookup::Found(target(100)));
             assert_eq!(b.lookup(ip(), &packet, now), Lookup::Peer(5), "long: {long}");
-            assert_eq!(a.lookup_from_peer(&packet), Lookup::Found(target(100)));
-            assert_eq!(b.lookup_from_peer(&packet), Lookup::Unknown, "one hop only");
+            assert_eq!(a.lookup_from_peer(ip(), &packet, now), Lookup::Found(target(100)));
+            assert_eq!(b.lookup_from_peer(ip(), &packet, now), Lookup::Unknown, "one hop only");
         }
         let (key, _g) = b.register(100, target(100), false);
         assert_eq!(key.secret.as_bytes()[0] >> 2, 63);
@@ -518,8 +536,26 @@ mod tests {
         forged[12] = 5;
         assert_eq!(b.lookup(ip(), &forged, now), Lookup::Forged, "not sent on");
         let stranger: CancelRegistry<(i32, [u8; 4])> =
-            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"another key"));
+            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"another key", None));
         assert_eq!(stranger.lookup(ip(), &cancel_packet(&key), now), Lookup::Forged);
+        // Rotation: a replica on a new key still accepts keys of the old one.
+        let rotated: CancelRegistry<(i32, [u8; 4])> =
+            CancelRegistry::with_scheme(KeyScheme::fleet(5, b"new", Some(b"shared")));
+        assert_eq!(rotated.lookup(ip(), &cancel_packet(&key), now), Lookup::Peer(63));
+    }
+
+    /// Guesses sent through every replica of a fleet meet the issuing
+    /// replica's budget for their client.
+    #[test]
+    fn peers_rate_limit_the_client_too() {
+        let reg: CancelRegistry<()> = CancelRegistry::with_scheme(KeyScheme::fleet(1, b"k", None));
+        let now = Instant::now();
+        let mut guess = [0u8; 16];
+        guess[12] = 1 << 2;
+        for _ in 0..CANCEL_BURST as usize {
+            assert_eq!(reg.lookup_from_peer(ip(), &guess, now), Lookup::Unknown);
+        }
+        assert_eq!(reg.lookup_from_peer(ip(), &guess, now), Lookup::RateLimited);
     }
 
     #[test]

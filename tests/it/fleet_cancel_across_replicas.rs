@@ -4,8 +4,9 @@
 //! cancels the right query, for protocol 3.0 keys (tokio-postgres's
 //! plaintext cancel) and 3.2 keys (a raw 3.2 session); a forged 3.2 key is
 //! dropped by the first replica, a forged 3.0 key is sent on and cancels
-//! nothing; a replica whose id is taken refuses to start; the peer
-//! listener refuses certificates the fleet's CA did not sign.
+//! nothing; a replica whose id is taken refuses to start, and one that
+//! met the earlier holder only later turns unready; the peer listener
+//! refuses certificates the fleet's CA did not sign.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::client::{
-    error_fields, query_message, read_until_ready, startup_message_version, tls_client,
+    error_fields, http, query_message, read_until_ready, startup_message_version, tls_client,
     tls_session, tokio_pg,
 };
 use crate::common::pg::PgCluster;
@@ -92,10 +93,10 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     };
     let pg = PgCluster::with_trust_roles(&["bob"]);
     let base = config(&pki, &pg.address());
-    let (pa, pb) = (free_port(), free_port());
+    let (pa, pb, pe) = (free_port(), free_port(), free_port());
     // A starts alone (B is not up yet) and learns B when a key names it.
-    let a = TestProxy::start(fleet_config(&base, &files, 1, pa, &[pa, pb])).await;
-    let b = TestProxy::start(fleet_config(&base, &files, 2, pb, &[pa, pb])).await;
+    let a = TestProxy::start(fleet_config(&base, &files, 1, pa, &[pa, pb, pe])).await;
+    let b = TestProxy::start(fleet_config(&base, &files, 2, pb, &[pa, pb, pe])).await;
     assert_eq!(b.metric("pgtls_fleet_peers"), 1.0, "B found A at start");
     assert_eq!(b.metric(r#"pgtls_fleet_probes_total{result="self"}"#), 1.0);
     assert_eq!(b.metric(r#"pgtls_fleet_info{replica_id="2"}"#), 1.0);
@@ -229,7 +230,7 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     // A replica with a taken id refuses to start.
     let pc = free_port();
     let registry = Registry::new();
-    let err = match app::start(fleet_config(&base, &files, 1, pc, &[pa, pb, pc]), &registry).await {
+    let err = match app::start(fleet_config(&base, &files, 1, pc, &[pa, pc]), &registry).await {
         Ok(_) => panic!("a duplicate replica id must refuse the start"),
         Err(e) => e,
     };
@@ -239,6 +240,25 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         "{err}"
     );
     wait_for(&a, r#"pgtls_fleet_probes_total{result="duplicate"}"#, 1.0).await;
+
+    // A later replica with a taken id that met nobody at start (its list
+    // has only itself) turns unready once the earlier one finds it: a key
+    // naming an unknown replica makes A look again.
+    let e = TestProxy::start(fleet_config(&base, &files, 1, pe, &[pe])).await;
+    let (status, _) = http("GET", &format!("{}/ready", e.admin_url())).await;
+    assert_eq!(status, 200, "E met nobody yet");
+    let mut unknown = key[..8].to_vec();
+    unknown[4] = 9 << 2;
+    send_cancel(a.addr, &cancel_packet(&unknown)).await;
+    wait_for(&a, r#"pgtls_fleet_probes_total{result="duplicate"}"#, 2.0).await;
+    let (status, body) = http("GET", &format!("{}/ready", e.admin_url())).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("replica id 1 belongs to an earlier replica"),
+        "{body}"
+    );
+    let (status, _) = http("GET", &format!("{}/ready", a.admin_url())).await;
+    assert_eq!(status, 200, "the earlier replica keeps serving");
 
     // The peer listener wants a certificate from the fleet's CA: none, or
     // one from another CA, is refused at the handshake.
@@ -268,5 +288,5 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         before + 2.0,
     )
     .await;
-    drop((a, b));
+    drop((a, b, e));
 }
