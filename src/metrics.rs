@@ -198,7 +198,7 @@ impl Metrics {
             )?,
             fleet_probes: r.counters(
                 "pgtls_fleet_probes_total",
-                "Fleet directory probes, by answer: peer, self, duplicate (another replica has this id), failed.",
+                "Fleet directory probes, by answer: peer, self, duplicate (two replicas with one id), key_mismatch (a peer with another fleet.cancel_key), failed.",
                 &["result"],
             )?,
             fleet_peers: {

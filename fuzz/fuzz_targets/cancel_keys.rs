@@ -42,7 +42,7 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let reg: CancelRegistry<u8> =
-        CancelRegistry::with_scheme(KeyScheme::fleet(3, b"fuzz", Some(b"old")));
+        CancelRegistry::with_scheme(KeyScheme::fleet(3, b"fuzz", Some(b"accepted")));
     let (short, _a) = reg.register(42, 1, false);
     let (long, _b) = reg.register(42, 2, true);
     let issued = [

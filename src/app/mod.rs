@@ -53,9 +53,9 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Bind(#[from] crate::sys::listener::BindError),
-    /// `[fleet]`: the replica id cannot be had, or is taken.
-    #[error("fleet.replica_id: {0}")]
-    Fleet(String),
+    /// `[fleet]`: the replica id cannot be had or is taken, or a key is unfit.
+    #[error("{key}: {reason}")]
+    Fleet { key: &'static str, reason: String },
 }
 
 impl StartError {
@@ -96,38 +96,50 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let max_sessions = fd_limit.admitted(config.limits.max_connections);
     let (fleet, scheme) = match &config.fleet {
         Some(f) => {
-            let id = f
-                .replica_id
-                .resolve(&fleet::hostname())
-                .map_err(StartError::Fleet)?;
+            let id =
+                f.replica_id
+                    .resolve(&fleet::hostname())
+                    .map_err(|reason| StartError::Fleet {
+                        key: "fleet.replica_id",
+                        reason,
+                    })?;
             let key = f
                 .cancel_key
                 .as_ref()
                 .map(|k| read_secret(k, "fleet.cancel_key", "the fleet's cancel key"))
                 .transpose()?
                 .unwrap_or_default();
-            let previous = f
-                .previous_cancel_key
+            let accepted = f
+                .accept_cancel_key
                 .as_ref()
                 .map(|k| {
                     read_secret(
                         k,
-                        "fleet.previous_cancel_key",
-                        "the fleet's previous cancel key",
+                        "fleet.accept_cancel_key",
+                        "the fleet's accepted cancel key",
                     )
                 })
                 .transpose()?;
-            let short = |k: &str| k.len() < 32;
-            if short(&key) || previous.as_deref().is_some_and(short) {
-                return Err(StartError::Fleet(
-                    "fleet.cancel_key and fleet.previous_cancel_key must be at least 32 bytes (e.g. `openssl rand -base64 32`)"
-                        .into(),
-                ));
+            // Characters, as written: `openssl rand -base64 32` gives 44.
+            for (name, value) in [
+                ("fleet.cancel_key", Some(&key)),
+                ("fleet.accept_cancel_key", accepted.as_ref()),
+            ] {
+                if value.is_some_and(|k| k.len() < 32) {
+                    return Err(StartError::Fleet {
+                        key: name,
+                        reason: "must be at least 32 characters (e.g. the output of `openssl rand -base64 32`)".into(),
+                    });
+                }
             }
             let scheme =
-                KeyScheme::fleet(id, key.as_bytes(), previous.as_deref().map(str::as_bytes));
+                KeyScheme::fleet(id, key.as_bytes(), accepted.as_deref().map(str::as_bytes));
             info!(replica_id = id, "fleet replica");
-            (Some(Arc::new(Fleet::new(f, id, metrics.clone()))), scheme)
+            let keys = scheme.key_ids();
+            (
+                Some(Arc::new(Fleet::new(f, id, keys, metrics.clone()))),
+                scheme,
+            )
         }
         None => (None, KeyScheme::lone()),
     };
@@ -324,12 +336,19 @@ async fn join_fleet(
     if let Some(tls) = client_tls() {
         let report = fleet.refresh(&tls).await;
         if let Some(holder) = report.taken_by {
-            return Err(StartError::Fleet(format!(
-                "replica id {} is already taken by the replica at {holder}",
-                fleet.me().replica
-            )));
+            return Err(StartError::Fleet {
+                key: "fleet.replica_id",
+                reason: format!(
+                    "replica id {} is already taken by the replica at {holder}",
+                    fleet.me().replica
+                ),
+            });
         }
-        info!(peers = fleet.known(), "fleet: directory ready");
+        if fleet.known() == 0 {
+            warn!("fleet: no other replica answered yet (they may be starting; the directory is refreshed every fleet.refresh_interval)");
+        } else {
+            info!(peers = fleet.known(), "fleet: directory ready");
+        }
     }
     tokio::spawn(fleet.clone().keep_fresh(client_tls, stop.clone()));
     Ok(addr)

@@ -211,7 +211,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
                 f.peers.clone(),
                 f.server_name.clone(),
                 f.cancel_key.clone(),
-                f.previous_cancel_key.clone(),
+                f.accept_cancel_key.clone(),
                 f.timeout,
                 f.refresh_interval,
             )

@@ -43,9 +43,10 @@ pub struct Fleet {
     /// cancel keys (`{ password_file = ".." }` or `{ password_env = ".." }`,
     /// at least 32 bytes).
     pub cancel_key: Option<SecretSource>,
-    /// The key being rotated out, while replicas change over: 3.2 keys
-    /// made under it still verify (new ones use `cancel_key`).
-    pub previous_cancel_key: Option<SecretSource>,
+    /// A second key whose protocol 3.2 keys are accepted, never used to
+    /// issue: the next key before a rotation, the previous one after it
+    /// (README "Fleets").
+    pub accept_cancel_key: Option<SecretSource>,
     /// Connect, handshake and send to a peer, and a peer's whole request.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -66,7 +67,7 @@ impl Default for Fleet {
             ca: Vec::new(),
             server_name: None,
             cancel_key: None,
-            previous_cancel_key: None,
+            accept_cancel_key: None,
             timeout: Duration::from_secs(2),
             refresh_interval: Duration::from_secs(30),
         }

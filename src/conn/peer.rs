@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::cancel::deliver;
 use super::Context;
@@ -34,8 +34,8 @@ pub async fn serve(tcp: TcpStream, from: SocketAddr, ctx: &Context) {
     };
     let (hello, request) = match tokio::time::timeout(fleet.timeout(), received).await {
         Ok(Ok(got)) => got,
-        Ok(Err(e)) => return refused(ctx, from, &e.to_string()),
-        Err(_) => return refused(ctx, from, "timed out"),
+        Ok(Err(e)) => return refused(ctx, from, &e),
+        Err(_) => return refused(ctx, from, &crate::fleet::PeerError::Timeout),
     };
     // A later replica with this replica's id: logged, counted, not served.
     if fleet.met(&hello, from) {
@@ -56,8 +56,12 @@ pub async fn serve(tcp: TcpStream, from: SocketAddr, ctx: &Context) {
     count(ctx, result);
 }
 
-fn refused(ctx: &Context, from: SocketAddr, why: &str) {
-    debug!(%from, "fleet: peer connection refused: {why}");
+fn refused(ctx: &Context, from: SocketAddr, why: &crate::fleet::PeerError) {
+    if why.is_tls() {
+        warn!(%from, "fleet: peer connection refused: {why}");
+    } else {
+        debug!(%from, "fleet: peer connection refused: {why}");
+    }
     count(ctx, "refused");
 }
 

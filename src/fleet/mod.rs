@@ -89,6 +89,14 @@ pub enum PeerError {
     Moved(u8),
 }
 
+impl PeerError {
+    /// A TLS failure (a certificate refused, no common ALPN): what
+    /// configuration fixes, unlike a peer that is not up.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, PeerError::Io(e) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()))
+    }
+}
+
 /// The host name, for `fleet.replica_id = "ordinal"`: `$HOSTNAME` (the pod
 /// name in Kubernetes), else the kernel's.
 pub fn hostname() -> String {
@@ -101,7 +109,8 @@ pub fn hostname() -> String {
 }
 
 impl Fleet {
-    pub fn new(c: &config::Fleet, replica: u8, metrics: Metrics) -> Fleet {
+    /// `keys`: the ids of the cancel keys ([`crate::policy::cancel::KeyScheme::key_ids`]).
+    pub fn new(c: &config::Fleet, replica: u8, keys: [[u8; 8]; 2], metrics: Metrics) -> Fleet {
         metrics
             .fleet_info
             .with_label_values(&[&replica.to_string()])
@@ -114,6 +123,7 @@ impl Fleet {
                 replica,
                 instance: rand::random(),
                 started,
+                keys,
             },
             peers: c.peers.clone(),
             server_name: c.server_name.clone(),
@@ -280,7 +290,13 @@ impl Fleet {
             let hello = match answer {
                 Ok(hello) => hello,
                 Err(e) => {
-                    debug!(addr = %peer.addr, "fleet: no answer: {e}");
+                    // A certificate the peers refuse is a configuration
+                    // error; a peer that is not up (yet) is not.
+                    if e.is_tls() {
+                        warn!(addr = %peer.addr, "fleet: cannot link to the peer: {e}");
+                    } else {
+                        debug!(addr = %peer.addr, "fleet: no answer: {e}");
+                    }
                     self.count_probe("failed");
                     continue;
                 }
@@ -296,6 +312,14 @@ impl Fleet {
                     report.taken_by = Some(peer.addr);
                 }
                 continue;
+            }
+            if !hello.shares_keys(&self.me) {
+                error!(
+                    addr = %peer.addr,
+                    replica = hello.replica,
+                    "fleet: the peer has another fleet.cancel_key; protocol 3.2 cancels between the two are dropped as forged"
+                );
+                self.count_probe("key_mismatch");
             }
             peer.hello = hello;
             match found.get(&hello.replica) {

@@ -5,13 +5,16 @@
 //! client → server   Hello, then Request
 //! Hello    = "PGTLSPR1" | replica id (u8) | instance (16 random bytes)
 //!            | started (u64, Unix milliseconds)
+//!            | cancel key ids (8 bytes: current, 8 bytes: accepted or zero)
 //! Request  = kind (u8: 0 probe, 1 cancel) | client address (16 bytes, IPv6
 //!            or IPv4-mapped; zero for a probe) | length (u16) | CancelRequest
 //! ```
 //! The server speaks first so that the client checks the replica id it
 //! reached before sending anything; the instance (random per process)
 //! tells a replica from itself and from a duplicate of its id, and the
-//! start time which of two duplicates came first. The client's address
+//! start time which of two duplicates came first; the key ids tell
+//! replicas whose `fleet.cancel_key` differs (their 3.2 keys would be
+//! refused by each other as forged). The client's address
 //! travels with its cancel so that the issuing replica rate-limits it as
 //! its own. No reply: a CancelRequest never gets one.
 
@@ -20,7 +23,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 const MAGIC: &[u8; 8] = b"PGTLSPR1";
-pub const HELLO_LEN: usize = MAGIC.len() + 1 + 16 + 8;
+pub const HELLO_LEN: usize = MAGIC.len() + 1 + 16 + 8 + 16;
 /// The longest CancelRequest protocol 3.2 allows (12 + a 256-byte key).
 pub const MAX_CANCEL: usize = 12 + 256;
 
@@ -31,6 +34,8 @@ pub struct Hello {
     pub instance: [u8; 16],
     /// When the process started (Unix milliseconds).
     pub started: u64,
+    /// Ids of the cancel key and of the accepted one (zero: none).
+    pub keys: [[u8; 8]; 2],
 }
 
 impl Hello {
@@ -40,12 +45,21 @@ impl Hello {
         (self.started, self.instance) < (other.started, other.instance)
     }
 
+    /// Whether the two replicas can check each other's 3.2 keys: each
+    /// one's current key is among the other's.
+    pub fn shares_keys(&self, other: &Hello) -> bool {
+        let knows = |a: &Hello, b: &Hello| b.keys.iter().any(|k| *k == a.keys[0]);
+        knows(self, other) && knows(other, self)
+    }
+
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[..8].copy_from_slice(MAGIC);
         b[8] = self.replica;
         b[9..25].copy_from_slice(&self.instance);
-        b[25..].copy_from_slice(&self.started.to_be_bytes());
+        b[25..33].copy_from_slice(&self.started.to_be_bytes());
+        b[33..41].copy_from_slice(&self.keys[0]);
+        b[41..].copy_from_slice(&self.keys[1]);
         b
     }
 
@@ -55,12 +69,16 @@ impl Hello {
         }
         let mut instance = [0u8; 16];
         instance.copy_from_slice(&b[9..25]);
-        let mut started = [0u8; 8];
-        started.copy_from_slice(&b[25..]);
+        let eight = |at: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[at..at + 8]);
+            x
+        };
         Ok(Hello {
             replica: b[8],
             instance,
-            started: u64::from_be_bytes(started),
+            started: u64::from_be_bytes(eight(25)),
+            keys: [eight(33), eight(41)],
         })
     }
 
@@ -154,6 +172,7 @@ mod tests {
             replica: 7,
             instance: [9; 16],
             started: 1_700_000_000_123,
+            keys: [[1; 8], [2; 8]],
         };
         let v4: IpAddr = "10.1.2.3".parse().expect("ip");
         let v6: IpAddr = "2001:db8::1".parse().expect("ip");
@@ -191,6 +210,7 @@ mod tests {
             replica: 1,
             instance: [0; 16],
             started: 0,
+            keys: [[0; 8]; 2],
         }
         .encode();
         wrong[0] = b'X';
@@ -203,10 +223,30 @@ mod tests {
             replica: 1,
             instance: [1; 16],
             started: 5,
+            keys: [[1; 8], [0; 8]],
         };
         let b = Hello { started: 6, ..a };
         let c = Hello { instance: [2; 16], ..a };
         assert!(a.precedes(&b) && !b.precedes(&a));
         assert!(a.precedes(&c) && !c.precedes(&a), "a tie goes by instance");
+    }
+
+    #[test]
+    fn key_ids_through_a_rotation() {
+        let old = |keys| Hello {
+            replica: 1,
+            instance: [1; 16],
+            started: 5,
+            keys,
+        };
+        let (k1, k2, none) = ([1; 8], [2; 8], [0; 8]);
+        assert!(old([k1, none]).shares_keys(&old([k1, none])));
+        assert!(!old([k1, none]).shares_keys(&old([k2, none])));
+        // Step 1: replicas accept the next key while still issuing with k1.
+        assert!(old([k1, none]).shares_keys(&old([k1, k2])));
+        // Step 2: replicas issue with k2 and accept k1.
+        assert!(old([k1, k2]).shares_keys(&old([k2, k1])));
+        // Skipping step 1 leaves a replica that cannot check k2's keys.
+        assert!(!old([k1, none]).shares_keys(&old([k2, k1])));
     }
 }

@@ -112,8 +112,9 @@ pub struct KeyScheme {
     /// This replica's id (below [`MAX_REPLICAS`]); `None` for a lone proxy.
     replica: Option<u8>,
     mac: hmac::Key,
-    /// A key being rotated out: 3.2 keys it made still verify.
-    previous: Option<hmac::Key>,
+    /// A second key whose 3.2 keys verify (never used to issue): the next
+    /// one before a rotation, the previous one after it.
+    accepted: Option<hmac::Key>,
 }
 
 impl KeyScheme {
@@ -123,23 +124,35 @@ impl KeyScheme {
         KeyScheme {
             replica: None,
             mac: hmac::Key::new(hmac::HMAC_SHA256, &key),
-            previous: None,
+            accepted: None,
         }
     }
 
-    /// A fleet replica; every replica must share `mac_key` (and, while it
-    /// is being rotated out, `previous`).
-    pub fn fleet(replica: u8, mac_key: &[u8], previous: Option<&[u8]>) -> KeyScheme {
+    /// A fleet replica; every replica must share `mac_key` (and, during a
+    /// rotation, accept the other key: `accepted`).
+    pub fn fleet(replica: u8, mac_key: &[u8], accepted: Option<&[u8]>) -> KeyScheme {
         assert!(replica < MAX_REPLICAS, "replica ids are checked at load");
         KeyScheme {
             replica: Some(replica),
             mac: hmac::Key::new(hmac::HMAC_SHA256, mac_key),
-            previous: previous.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
+            accepted: accepted.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k)),
         }
     }
 
     pub fn replica(&self) -> Option<u8> {
         self.replica
+    }
+
+    /// Ids of the MAC keys (current, accepted or zero) that replicas
+    /// compare, so that a fleet whose replicas disagree on the key says so:
+    /// a MAC of a fixed text, which reveals nothing of the key.
+    pub fn key_ids(&self) -> [[u8; 8]; 2] {
+        let id = |k: &hmac::Key| {
+            let mut out = [0u8; 8];
+            out.copy_from_slice(&hmac::sign(k, b"pg-tls-proxy fleet cancel key id").as_ref()[..8]);
+            out
+        };
+        [id(&self.mac), self.accepted.as_ref().map_or([0; 8], id)]
     }
 
     fn short(&self, rng: &mut impl Rng) -> Secret {
@@ -160,10 +173,10 @@ impl KeyScheme {
     }
 
     /// Whether a 3.2 secret carries our MAC (constant time), under the
-    /// current key or the one being rotated out.
+    /// current key or the accepted one.
     fn authentic(&self, pid: i32, secret: &[u8]) -> bool {
         std::iter::once(&self.mac)
-            .chain(&self.previous)
+            .chain(&self.accepted)
             .any(|key| {
                 let tag = tag(key, pid, &secret[..MAC_COVERS]);
                 subtle::ConstantTimeEq::ct_eq(
@@ -538,7 +551,7 @@ mod tests {
         let stranger: CancelRegistry<(i32, [u8; 4])> =
             CancelRegistry::with_scheme(KeyScheme::fleet(5, b"another key", None));
         assert_eq!(stranger.lookup(ip(), &cancel_packet(&key), now), Lookup::Forged);
-        // Rotation: a replica on a new key still accepts keys of the old one.
+        // Rotation: a replica that accepts the other key verifies its keys.
         let rotated: CancelRegistry<(i32, [u8; 4])> =
             CancelRegistry::with_scheme(KeyScheme::fleet(5, b"new", Some(b"shared")));
         assert_eq!(rotated.lookup(ip(), &cancel_packet(&key), now), Lookup::Peer(63));

@@ -8,6 +8,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -51,6 +55,7 @@ pub fn build(f: &Fleet) -> Result<PeerTls, FileError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| FileError::new("fleet.ca", ca_path, e.to_string()))?;
+    self_check(f, &chain, &roots, &verifier)?;
     let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(bad("fleet.cert", &f.cert))?
@@ -73,4 +78,59 @@ pub fn build(f: &Fleet) -> Result<PeerTls, FileError> {
         client: Arc::new(client),
         chain: summaries,
     })
+}
+
+/// Every replica verifies the others with what this one is configured
+/// with, so this replica's own certificate must pass the same checks: a
+/// client and a server certificate under `fleet.ca`, valid for
+/// `server_name` (or for one of the `peers` hosts, its own among them).
+/// Caught here, a mismatch is a start-up error instead of cancels lost in
+/// silence.
+fn self_check(
+    f: &Fleet,
+    chain: &[CertificateDer<'static>],
+    roots: &Arc<RootCertStore>,
+    client: &Arc<dyn ClientCertVerifier>,
+) -> Result<(), FileError> {
+    let bad = |reason: String| FileError::new("fleet.cert", &f.cert, reason);
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| bad("no certificate".into()))?;
+    let now = UnixTime::now();
+    client
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(|e| bad(format!("not a client certificate under fleet.ca: {e}")))?;
+    let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let names: Vec<String> = match &f.server_name {
+        Some(name) => vec![name.clone()],
+        None => f
+            .peers
+            .iter()
+            .map(|p| crate::config::host_of(p).to_string())
+            .collect(),
+    };
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut why = String::new();
+    for name in &names {
+        let Ok(server_name) = ServerName::try_from(name.clone()) else {
+            continue;
+        };
+        match server.verify_server_cert(leaf, intermediates, &server_name, &[], now) {
+            Ok(_) => return Ok(()),
+            Err(e) => why = e.to_string(),
+        }
+    }
+    let which = if f.server_name.is_some() {
+        "fleet.server_name"
+    } else {
+        "any fleet.peers host (set fleet.server_name to one name every replica's certificate carries)"
+    };
+    Err(bad(format!(
+        "the peers could not verify it: not valid for {which} ({}): {why}",
+        names.join(", ")
+    )))
 }

@@ -251,7 +251,16 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     unknown[4] = 9 << 2;
     send_cancel(a.addr, &cancel_packet(&unknown)).await;
     wait_for(&a, r#"pgtls_fleet_probes_total{result="duplicate"}"#, 2.0).await;
-    let (status, body) = http("GET", &format!("{}/ready", e.admin_url())).await;
+    // E learns it when it reads A's hello, on its own peer connection.
+    let mut answer = (0, String::new());
+    for _ in 0..100 {
+        answer = http("GET", &format!("{}/ready", e.admin_url())).await;
+        if answer.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = answer;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("replica id 1 belongs to an earlier replica"),
@@ -259,6 +268,41 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     );
     let (status, _) = http("GET", &format!("{}/ready", a.admin_url())).await;
     assert_eq!(status, 200, "the earlier replica keeps serving");
+
+    // A replica on another cancel key says so (its 3.2 keys would be
+    // dropped as forged by the others), and still joins for 3.0 keys.
+    let other_key = write_file(
+        &dir.path().join("other-key"),
+        "another key, 32 characters at least",
+        0o600,
+        false,
+    );
+    let pf = free_port();
+    let mut c = fleet_config(&base, &files, 4, pf, &[pa, pf]);
+    if let Some(f) = c.fleet.as_mut() {
+        f.cancel_key = Some(SecretSource::File(other_key));
+    }
+    let f = TestProxy::start(c).await;
+    assert_eq!(
+        f.metric(r#"pgtls_fleet_probes_total{result="key_mismatch"}"#),
+        1.0
+    );
+    assert_eq!(f.metric("pgtls_fleet_peers"), 1.0);
+
+    // A replica certificate the peers could not verify is a start-up
+    // error, not cancels lost in silence.
+    let mut c = fleet_config(&base, &files, 5, free_port(), &[pa]);
+    if let Some(f) = c.fleet.as_mut() {
+        f.server_name = Some("not-the-certificates-name.test".into());
+    }
+    let err = match app::start(c, &Registry::new()).await {
+        Ok(_) => panic!("a certificate without the fleet's name must refuse the start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("fleet.cert") && err.contains("fleet.server_name"),
+        "{err}"
+    );
 
     // The peer listener wants a certificate from the fleet's CA: none, or
     // one from another CA, is refused at the handshake.
@@ -288,5 +332,5 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         before + 2.0,
     )
     .await;
-    drop((a, b, e));
+    drop((a, b, e, f));
 }
