@@ -345,6 +345,9 @@ impl Metrics {
         for result in ["forwarded", "peer", "unknown", "forged", "rate_limited", "failed"] {
             m.cancel_requests.with_label_values(&[result]);
         }
+        for result in ["peer", "self", "duplicate", "key_mismatch", "failed"] {
+            m.fleet_probes.with_label_values(&[result]);
+        }
         for result in ["delivered", "no_peer", "failed"] {
             m.cancel_peer.with_label_values(&["sent", result]);
         }
