@@ -15,6 +15,7 @@ use pgwire::messages::Message;
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
+    pub const SERVER_REJECTED_CONNECTION: &str = "08004";
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";

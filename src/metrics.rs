@@ -36,6 +36,7 @@ pub mod labels {
     ];
     pub const TLS_FAILURES: &[&str] = &[
         "timeout",
+        "unrecognized_name",
         "no_client_cert",
         "unknown_ca",
         "expired",
@@ -60,6 +61,8 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_handshakes_in_flight: IntGauge,
     pub cancel_requests: IntCounterVec,
+    /// Sessions by route and how it was chosen (`[[routes]]`).
+    pub route_sessions: IntCounterVec,
     /// Cancels between replicas (`[fleet]`): direction sent|received, result.
     pub cancel_peer: IntCounterVec,
     /// Answers to the fleet's "who is there" probes: peer, self, duplicate, failed.
@@ -144,9 +147,9 @@ impl Metrics {
         let certificate_not_after = GaugeVec::new(
             Opts::new(
                 "pgtls_certificate_not_after_timestamp_seconds",
-                "Expiry of each configured certificate (Unix time); for role=crl, the CRL's next_update.",
+                "Expiry of each configured certificate (Unix time), by role and route; for role=crl, the CRL's next_update.",
             ),
-            &["role", "subject"],
+            &["role", "route", "subject"],
         )?;
         registry.register(Box::new(certificate_not_after.clone()))?;
         let build_info = IntGaugeVec::new(
@@ -190,6 +193,11 @@ impl Metrics {
                 "pgtls_cancel_requests_total",
                 "CancelRequests received from clients, by result: forwarded (to this replica's backend), peer (sent on to the replica that issued the key), unknown, forged (a protocol 3.2 key without the fleet's MAC), rate_limited, failed.",
                 &["result"],
+            )?,
+            route_sessions: r.counters(
+                "pgtls_route_sessions_total",
+                "Sessions by route (the configured names; \"default\" for the top level) and how the route was chosen: server_name, options, database, default.",
+                &["route", "selected_by"],
             )?,
             cancel_peer: r.counters(
                 "pgtls_cancel_peer_total",
@@ -358,11 +366,11 @@ impl Metrics {
     }
 
     /// Publishes certificate expiries, replacing the previous set.
-    pub fn set_certificates(&self, certs: &[(&'static str, String, i64)]) {
+    pub fn set_certificates(&self, certs: &[(&'static str, String, String, i64)]) {
         self.certificate_not_after.reset();
-        for (role, subject, not_after) in certs {
+        for (role, route, subject, not_after) in certs {
             self.certificate_not_after
-                .with_label_values(&[*role, subject.as_str()])
+                .with_label_values(&[*role, route.as_str(), subject.as_str()])
                 .set(*not_after as f64);
         }
     }

@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         client.write_all(input).await.expect("write");
         client.shutdown().await.expect("shutdown");
         let ctx = Ctx {
-            tls: tls.then_some(&w.tls),
+            tls: tls.then_some(&w.tls as &dyn pg_tls_proxy::conn::negotiate::Certificates),
             allow_plaintext,
             deadline: tokio::time::Instant::now() + Duration::from_secs(10),
             metrics: &w.metrics,

@@ -65,7 +65,7 @@ impl admin::Readiness for ProxyReadiness {
     /// to an unready replica) nothing else would notice its recovery.
     async fn probe(&self) {
         if self.backend_down() {
-            let connector = self.ctx.runtime.load().connector.clone();
+            let connector = self.ctx.runtime.load().default.connector.clone();
             let ok = connector.probe().await.is_ok();
             self.ctx.backend_health.record(ok);
         }

@@ -17,15 +17,13 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     let rt = prepared.runtime();
     out!("configuration OK");
     out!("listen.address      {}", c.listen.address);
-    match rt.server_chain.first() {
+    let d = &rt.default;
+    match d.chain.first() {
         Some(leaf) => {
             out!("tls.cert subject    {}", leaf.subject);
             out!("tls.cert issuer     {}", leaf.issuer);
             out!("tls.cert SANs       {}", leaf.sans.join(", "));
-            out!(
-                "tls.cert chain      {} certificate(s)",
-                rt.server_chain.len()
-            );
+            out!("tls.cert chain      {} certificate(s)", d.chain.len());
             out!("tls.cert expires in {} days", leaf.days_left(unix_now()));
         }
         None => out!("tls                 not configured (plaintext only)"),
@@ -35,14 +33,14 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
     let mode = c.client_auth.effective_mode().as_str();
     out!("client_auth.mode    {mode}");
     let now = unix_now();
-    for ca in &rt.client_cas {
+    for ca in &d.client_cas {
         out!(
             "client_auth.ca      {} (expires in {} days)",
             ca.subject,
             ca.days_left(now)
         );
     }
-    for crl in &rt.client_crls {
+    for crl in &d.client_crls {
         let state = if crl.is_stale(now) {
             "STALE: past next_update"
         } else {
@@ -99,6 +97,27 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
             "no"
         }
     );
+    if !rt.routes.is_empty() {
+        out!(
+            "routing.default     {} ({} routes besides \"default\")",
+            rt.routing_default,
+            rt.routes.len()
+        );
+    }
+    for (route, r) in rt.routes.iter().zip(&c.routes) {
+        let leaf = route.chain.first();
+        out!(
+            "route {:<13} server names {}; databases {}; backend {} ({}); certificate {} (expires in {} days){}",
+            route.name,
+            if r.server_names.is_empty() { "-".to_string() } else { r.server_names.join(", ") },
+            if r.databases.is_empty() { "-".to_string() } else { r.databases.join(", ") },
+            route.connector.address(),
+            route.connector.sslmode().as_str(),
+            leaf.map_or("-", |l| l.subject.as_str()),
+            leaf.map_or(0, |l| l.days_left(now)),
+            if route.own_client_auth { "; own client_auth" } else { "" }
+        );
+    }
     if let (Some(f), Some(fleet)) = (&c.fleet, &prepared.shared.fleet) {
         out!(
             "fleet               replica {} of up to {}; peers listener {}",

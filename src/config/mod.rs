@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 mod backend;
 mod fleet;
 mod ops;
+mod routes;
 mod rules;
 mod scram;
 mod tls;
@@ -22,6 +23,7 @@ mod tls;
 pub use backend::{Backend, SecretSource, SslCertScope, SslMode};
 pub use fleet::{Fleet, ReplicaId, MAX_REPLICA_ID};
 pub use ops::{Admin, Limits, Listen, Log, LogFormat, ProxyProtocol, Reload, Shutdown};
+pub use routes::{RouteConfig, Routing, DEFAULT_ROUTE};
 pub use rules::{BackendAuth, IdentityKind, ReplicationRule, RuleConfig};
 pub use scram::{AuthQuery, Scram, DEFAULT_AUTH_QUERY};
 pub use tls::{CertKey, ClientAuth, ClientAuthMode, CrlCheck, CrlExpired, Tls, TlsVersion};
@@ -49,6 +51,10 @@ pub struct Config {
     pub scram: Scram,
     /// Replicas that send each other cancels (`[fleet]`); absent: a lone proxy.
     pub fleet: Option<Fleet>,
+    /// More backends behind the same listener, chosen by server name
+    /// (`[[routes]]`); the top-level tables are the route "default".
+    pub routes: Vec<RouteConfig>,
+    pub routing: Routing,
 }
 
 /// A configuration error: always names the key, and the file when there is one.
@@ -155,6 +161,13 @@ impl Config {
         self.admin.check().map_err(invalid)?;
         self.limits.check().map_err(invalid)?;
         self.scram.check().map_err(invalid)?;
+        routes::check(&self.routes).map_err(invalid)?;
+        if !self.routes.is_empty() && self.tls.server.is_none() {
+            return Err(invalid((
+                "tls.cert",
+                "[[routes]] need TLS: set tls.cert and tls.key (served to clients without a server name)".into(),
+            )));
+        }
         if let Some(fleet) = &self.fleet {
             fleet.check().map_err(invalid)?;
             if fleet.listen == self.listen.address {

@@ -11,7 +11,7 @@ use crate::conn::error::SessionError;
 use crate::metrics::Metrics;
 use crate::policy::identity::Identity;
 use crate::policy::rolemap::Decision;
-use crate::runtime::Runtime;
+use crate::runtime::Route;
 use crate::wire::stream::ClientStream;
 use crate::wire::Replication;
 
@@ -28,7 +28,7 @@ pub enum Access {
 }
 
 pub fn authorize(
-    rt: &Runtime,
+    rt: &Route,
     metrics: &Metrics,
     client: &ClientStream,
     user: &str,

@@ -43,6 +43,11 @@ pub enum SessionError {
     Tls(std::io::Error),
     #[error("direct TLS connection without ALPN \"postgresql\"")]
     DirectTlsWithoutAlpn,
+    #[error("no route for the server name, and no default route")]
+    UnknownServerName,
+    /// Routing after the startup: what is wrong, for the client.
+    #[error("{0}")]
+    Route(RouteError),
     #[error("plaintext startup refused (tls.allow_plaintext = false)")]
     PlaintextRefused,
     #[error("no user name in the startup packet")]
@@ -116,6 +121,8 @@ impl SessionError {
             SessionError::EarlyData => "early_data",
             SessionError::Tls(_) => "tls_handshake",
             SessionError::DirectTlsWithoutAlpn => "alpn_mismatch",
+            SessionError::UnknownServerName => "unrecognized_name",
+            SessionError::Route(_) => "no_route",
             SessionError::PlaintextRefused => "plaintext_rejected",
             SessionError::NoUser => "protocol_violation",
             SessionError::InvalidReplication(_) => "protocol_violation",
@@ -142,7 +149,15 @@ impl SessionError {
             SessionError::ClientEof(_)
             | SessionError::ClientIo(_)
             | SessionError::Tls(_)
-            | SessionError::DirectTlsWithoutAlpn => return None,
+            | SessionError::DirectTlsWithoutAlpn
+            | SessionError::UnknownServerName => return None,
+            SessionError::Route(r) => {
+                let e = ClientError::fatal(SERVER_REJECTED_CONNECTION, r.to_string());
+                match r {
+                    RouteError::NoRoute => e.with_hint("Connect with the server name of a route (a host name, not an address), or name one with options='-c pgtls.route=NAME'."),
+                    _ => e,
+                }
+            }
             SessionError::Protocol(p) => p.client_error(),
             SessionError::EarlyData => ClientError::fatal(
                 PROTOCOL_VIOLATION,
@@ -270,4 +285,17 @@ mod tests {
         assert!(text.contains("sslmode=require"));
         assert_eq!(*bytes.last().expect("non-empty"), 0);
     }
+}
+
+/// Why the startup selected no route.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route for this connection")]
+    NoRoute,
+    #[error("route \"{0}\" does not exist")]
+    Unknown(String),
+    #[error("route \"{named}\" named in options differs from the route of the server name (\"{sni}\")")]
+    Mismatch { named: String, sni: String },
+    #[error("route \"{0}\" can only be reached by its server name (it checks client certificates during the TLS handshake)")]
+    NeedsServerName(String),
 }

@@ -88,8 +88,8 @@ pub(super) async fn reach_backend(
     auth: BackendAuth,
     startup: &StartupPacket,
 ) -> Result<Link, SessionError> {
-    let (ctx, rt) = (conn.ctx, conn.rt);
-    let address = || rt.connector.address().to_string();
+    let ctx = conn.ctx;
+    let address = || conn.route.connector.address().to_string();
     let Some(fd) = ctx.fds.try_take() else {
         ctx.out_of_descriptors("backend");
         return Err(BackendError::OutOfDescriptors(address()).into());
@@ -100,7 +100,7 @@ pub(super) async fn reach_backend(
     };
     let started = StdInstant::now();
     let attempt = async {
-        let mut backend = timeout_at(deadline, rt.connector.connect(purpose))
+        let mut backend = timeout_at(deadline, conn.route.connector.connect(purpose))
             .await
             .map_err(|_| SessionError::Timeout(Phase::BackendConnect))??;
         backend
@@ -108,7 +108,7 @@ pub(super) async fn reach_backend(
             .await
             .map_err(|e| backend_io(conn, e))?;
         let mut reader = MessageReader::new(MAX_AUTH_PHASE_MESSAGE);
-        match tokio::time::timeout(rt.connector.connect_timeout(), reader.fill(&mut backend)).await
+        match tokio::time::timeout(conn.route.connector.connect_timeout(), reader.fill(&mut backend)).await
         {
             Err(_) => Err(BackendError::NoAnswer(address()).into()),
             Ok(Err(ReadError::Eof)) => Err(BackendError::Closed(address()).into()),
@@ -118,7 +118,7 @@ pub(super) async fn reach_backend(
         }
     };
     let result = attempt.await;
-    let sslmode = rt.connector.sslmode().as_str();
+    let sslmode = conn.route.connector.sslmode().as_str();
     let m = &ctx.metrics;
     let label = match &result {
         Ok(_) => {
@@ -214,7 +214,7 @@ pub(super) async fn log_in(
         Err(AuthError::Relay(ExchangeError::BackendClosed)) => {
             warn!("the backend closed the connection during authentication");
             conn.ctx.backend_health.record(false);
-            Login::Failed(BackendError::Closed(rt.connector.address().to_string()).into())
+            Login::Failed(BackendError::Closed(conn.route.connector.address().to_string()).into())
         }
         Err(AuthError::Relay(e)) => {
             warn!("authentication relay failed: {e}");
@@ -307,9 +307,9 @@ async fn proxy_login(
     user: &str,
 ) -> Result<login::Method, LoginError> {
     let end_point = backend.peer_leaf().and_then(crate::tls::end_point);
-    let secret = conn.rt.credentials.get(user);
+    let secret = conn.route.credentials.get(user);
     let verified = matches!(
-        conn.rt.connector.sslmode(),
+        conn.route.connector.sslmode(),
         SslMode::VerifyCa | SslMode::VerifyFull
     );
     let result = login::login(reader, backend, user, secret, end_point, verified).await;
@@ -364,7 +364,7 @@ async fn scram_login(
 
 fn backend_io(conn: &Conn<'_>, source: std::io::Error) -> SessionError {
     BackendError::Io {
-        address: conn.rt.connector.address().to_string(),
+        address: conn.route.connector.address().to_string(),
         source,
     }
     .into()

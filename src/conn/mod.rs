@@ -23,6 +23,7 @@ pub mod peer;
 pub mod proxy_protocol;
 pub mod record;
 pub mod relay;
+mod route;
 mod scram;
 
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ use tracing::{info, Instrument};
 
 use crate::backend::cancel::CancelTarget;
 use crate::config::BackendAuth;
-use crate::runtime::Runtime;
+use crate::runtime::{Route, Runtime};
 use crate::sys::fdlimit::FdPermit;
 use crate::wire::stream::ClientStream;
 use crate::wire::StartupPacket;
@@ -50,12 +51,16 @@ use record::{CloseReason, Kind, SessionRecord};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// What one connection reads: process-wide state and the runtime it
-/// started with.
+/// What one connection reads: process-wide state, the runtime it started
+/// with, and (once known) its route and the route whose certificate was
+/// served (the default's until a server name selects one).
+#[derive(Clone, Copy)]
 struct Conn<'a> {
     ctx: &'a Context,
     rt: &'a Runtime,
     peer: SocketAddr,
+    route: &'a Route,
+    served: &'a Route,
 }
 
 /// Drives one connection. Never panics on peer input; every failure is
@@ -111,12 +116,14 @@ pub async fn run(
     if let Some(via) = via {
         span.record("via", tracing::field::display(via));
     }
-    let mut record = SessionRecord::new(ctx.clone(), rt.connector.clone(), id, peer);
+    let mut record = SessionRecord::new(ctx.clone(), rt.default.connector.clone(), id, peer);
     async {
         let conn = Conn {
             ctx: &ctx,
             rt: &rt,
             peer,
+            route: &rt.default,
+            served: &rt.default,
         };
         match drive(tcp, &conn, deadline, permit.is_some(), &mut record).await {
             Ok(reason) => record.close_reason = reason,
@@ -149,7 +156,11 @@ async fn drive(
 ) -> Result<CloseReason, Failed> {
     let (ctx, rt) = (conn.ctx, conn.rt);
     let nctx = Ctx {
-        tls: rt.tls.as_ref(),
+        tls: rt
+            .default
+            .tls
+            .is_some()
+            .then_some(rt as &dyn negotiate::Certificates),
         allow_plaintext: rt.allow_plaintext,
         deadline,
         metrics: &ctx.metrics,
@@ -199,7 +210,7 @@ async fn drive(
 /// Access decision, backend login, relay.
 async fn session(
     mut client: ClientStream,
-    startup: StartupPacket,
+    mut startup: StartupPacket,
     conn: &Conn<'_>,
     deadline: Instant,
     record: &mut SessionRecord,
@@ -211,9 +222,24 @@ async fn session(
             stream: Some(stream),
         })
     };
+    // The backend never sees the route option.
+    let named_route = startup.take_route();
     let (user, database, replication) = match startup.effective_names() {
         Ok(n) => (n.user, n.database, n.replication),
         Err(e) => return fail(e.into(), client),
+    };
+    let by_name = record.tls.as_ref().and_then(|t| t.route.clone());
+    let (route, selected_by) =
+        match route::after_startup(rt, by_name.as_ref(), named_route, &database) {
+            Ok(r) => r,
+            Err(e) => return fail(SessionError::Route(e), client),
+        };
+    record.set_route(&route, selected_by);
+    let served = by_name.as_deref().unwrap_or(&rt.default);
+    let conn = &Conn {
+        route: &route,
+        served,
+        ..*conn
     };
     let span = tracing::Span::current();
     span.record("user", user.as_str());
@@ -222,7 +248,7 @@ async fn session(
     record.database = Some(database.clone());
     record.protocol_minor = Some(startup.client_minor());
     let access = authorize(
-        rt,
+        conn.route,
         &conn.ctx.metrics,
         &client,
         &user,
@@ -283,7 +309,7 @@ async fn session(
         let target = CancelTarget {
             backend_pid,
             backend_secret,
-            connector: rt.connector.clone(),
+            connector: conn.route.connector.clone(),
         };
         let (key, guard) = conn.ctx.cancels.register(backend_pid, target, long_key);
         registration = Some(guard);
@@ -305,8 +331,9 @@ async fn session(
     record.role = Some(user);
     record.client_auth = client_method;
     info!(
-        backend = rt.connector.address(),
-        sslmode = rt.connector.sslmode().as_str(),
+        route = conn.route.name.as_str(),
+        backend = conn.route.connector.address(),
+        sslmode = conn.route.connector.sslmode().as_str(),
         "session established"
     );
     record.relay_started = Some(std::time::Instant::now());

@@ -91,9 +91,22 @@ pub struct SessionRecord {
     pub protocol_minor: Option<u16>,
     /// What became of a CancelRequest (`pgtls_cancel_requests_total`'s result).
     pub cancel: Option<&'static str>,
+    /// The session's route, once chosen.
+    pub route: Option<String>,
 }
 
 impl SessionRecord {
+    /// The route chosen for the session: its backend is the one logged.
+    pub fn set_route(&mut self, route: &crate::runtime::Route, selected_by: &'static str) {
+        self.connector = route.connector.clone();
+        self.route = Some(route.name.clone());
+        self.shared
+            .metrics
+            .route_sessions
+            .with_label_values(&[route.name.as_str(), selected_by])
+            .inc();
+    }
+
     pub fn new(
         shared: Arc<Context>,
         connector: Arc<Connector>,
@@ -127,6 +140,7 @@ impl SessionRecord {
             error: None,
             protocol_minor: None,
             cancel: None,
+            route: None,
         }
     }
 }
@@ -169,6 +183,7 @@ impl Drop for SessionRecord {
             peer = %self.peer,
             path = self.kind.as_str(),
             sni = tls.sni.as_deref().unwrap_or(""),
+            route = self.route.as_deref().unwrap_or(""),
             protocol = %self.protocol_minor.map_or(String::new(), |m| format!("3.{m}")),
             cancel = self.cancel.unwrap_or(""),
             tls_version = tls.version,

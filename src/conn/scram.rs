@@ -84,7 +84,8 @@ pub(super) async fn client_leg(
         (None, None) => None,
     };
     let unknown = known.is_none();
-    let end_point = client.is_tls().then(|| conn.rt.server_end_point.clone()).flatten();
+    // The hash of the certificate this connection was served.
+    let end_point = client.is_tls().then(|| conn.served.end_point.clone()).flatten();
     let mut exchange = ServerExchange::new(known, Verifier::mock(user, &setup.mock_secret), end_point);
     let result = run(&mut exchange, client).await;
     let (Ok((plus, _)) | Err((plus, _))) = &result;

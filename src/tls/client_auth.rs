@@ -38,6 +38,7 @@ impl CrlSummary {
 }
 
 /// What `[client_auth]` built.
+#[derive(Clone)]
 pub struct ClientAuthSetup {
     pub verifier: Arc<dyn ClientCertVerifier>,
     pub cas: Vec<CertSummary>,

@@ -152,7 +152,7 @@ async fn metrics_after_real_sessions() {
     let leaf = not_after(&pki.server_leaf);
     let line = body
         .lines()
-        .find(|l| l.starts_with(r#"pgtls_certificate_not_after_timestamp_seconds{role="server",subject="CN=localhost"#))
+        .find(|l| l.starts_with(r#"pgtls_certificate_not_after_timestamp_seconds{role="server",route="default",subject="CN=localhost"#))
         .expect("server certificate gauge");
     let value: f64 = line
         .rsplit_once(' ')

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout_at;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{Ctx, Failed, Path};
+use super::{Certificates, Ctx, Failed, Path, Selected};
 use crate::conn::error::{Phase, SessionError};
 use crate::tls::ALPN_POSTGRESQL;
 use crate::wire::stream::{ClientSocket, ClientStream, MaybeTls};
@@ -17,6 +16,9 @@ use crate::wire::stream::{ClientSocket, ClientStream, MaybeTls};
 /// TLS alert record: fatal (2), no_application_protocol (120), RFC 7301.
 /// Sent in plaintext before any ServerHello, as PostgreSQL 17 does.
 const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
+/// TLS alert record: fatal (2), unrecognized_name (112), RFC 6066: a
+/// server name no route has, and no default route.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
 /// What the TLS handshake settled, for logs and metrics.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +27,8 @@ pub struct TlsInfo {
     pub version: &'static str,
     pub cipher: &'static str,
     pub resumed: bool,
+    /// The route whose certificate was served, when a server name chose it.
+    pub route: Option<Arc<crate::runtime::Route>>,
 }
 
 /// The TLS handshake on the raw socket. On the direct path a ClientHello
@@ -33,12 +37,12 @@ pub struct TlsInfo {
 /// Counts the outcome and times successful handshakes.
 pub(super) async fn handshake<S: ClientSocket>(
     tcp: S,
-    config: &Arc<ServerConfig>,
+    certs: &dyn Certificates,
     path: Path,
     ctx: &Ctx<'_>,
 ) -> Result<(ClientStream<S>, TlsInfo), Failed<S>> {
     let started = std::time::Instant::now();
-    let result = handshake_inner(tcp, config, path, ctx).await;
+    let result = handshake_inner(tcp, certs, path, ctx).await;
     match &result {
         Ok((_, info)) => {
             let m = ctx.metrics;
@@ -65,7 +69,7 @@ pub(super) async fn handshake<S: ClientSocket>(
 
 async fn handshake_inner<S: ClientSocket>(
     tcp: S,
-    config: &Arc<ServerConfig>,
+    certs: &dyn Certificates,
     path: Path,
     ctx: &Ctx<'_>,
 ) -> Result<(ClientStream<S>, TlsInfo), Failed<S>> {
@@ -80,6 +84,12 @@ async fn handshake_inner<S: ClientSocket>(
         let _ = start.io.write_all(&ALERT_NO_APPLICATION_PROTOCOL).await;
         return Err(Failed::closed(SessionError::DirectTlsWithoutAlpn));
     }
+    // The certificate, and with a server name the route, are chosen here,
+    // once: the connection keeps both (a reload cannot swap them).
+    let Some(Selected { config, route }) = certs.select(start.client_hello().server_name()) else {
+        let _ = start.io.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        return Err(Failed::closed(SessionError::UnknownServerName));
+    };
     // The expensive part (key exchange, signatures, certificate checks)
     // runs under an admission permit, taken only once a ClientHello is in:
     // silent sockets hold no permit, and a flood of handshakes cannot take
@@ -89,7 +99,7 @@ async fn handshake_inner<S: ClientSocket>(
         .map_err(|_| timeout())?
         .map_err(|_| timeout())?;
     ctx.metrics.tls_handshakes_in_flight.inc();
-    let accepted = timeout_at(deadline, start.into_stream(config.clone())).await;
+    let accepted = timeout_at(deadline, start.into_stream(config)).await;
     ctx.metrics.tls_handshakes_in_flight.dec();
     let stream = accepted
         .map_err(|_| timeout())?
@@ -112,6 +122,7 @@ async fn handshake_inner<S: ClientSocket>(
             .and_then(|s| s.suite().as_str())
             .unwrap_or("unknown"),
         resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        route,
     };
     Ok((MaybeTls::Tls(Box::new(stream)), info))
 }
@@ -122,6 +133,7 @@ pub fn failure_reason(error: &SessionError) -> &'static str {
     match error {
         SessionError::Timeout(_) => "timeout",
         SessionError::DirectTlsWithoutAlpn => "alpn_mismatch",
+        SessionError::UnknownServerName => "unrecognized_name",
         SessionError::Tls(io) => match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
         {
             Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",

@@ -111,8 +111,31 @@ pub enum Negotiated<S = tokio::net::TcpStream> {
 }
 
 /// What negotiation needs from the proxy's state.
+/// Which certificate a ClientHello's server name gets, and the route it
+/// selects (routes: [`crate::conn::route`]).
+pub trait Certificates: Sync {
+    /// `None`: no certificate for this name (TLS alert unrecognized_name).
+    fn select(&self, server_name: Option<&str>) -> Option<Selected>;
+}
+
+/// A certificate to serve, and the route its server name selected.
+pub struct Selected {
+    pub config: Arc<ServerConfig>,
+    pub route: Option<Arc<crate::runtime::Route>>,
+}
+
+/// One certificate for every name, no routes.
+impl Certificates for Arc<ServerConfig> {
+    fn select(&self, _: Option<&str>) -> Option<Selected> {
+        Some(Selected {
+            config: self.clone(),
+            route: None,
+        })
+    }
+}
+
 pub struct Ctx<'a> {
-    pub tls: Option<&'a Arc<ServerConfig>>,
+    pub tls: Option<&'a dyn Certificates>,
     pub allow_plaintext: bool,
     pub deadline: Instant,
     pub metrics: &'a Metrics,

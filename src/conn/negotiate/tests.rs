@@ -80,7 +80,7 @@ impl Harness {
 
     fn ctx<'a>(&'a self, tls: Option<&'a Arc<ServerConfig>>, allow_plaintext: bool) -> Ctx<'a> {
         Ctx {
-            tls,
+            tls: tls.map(|t| t as &dyn super::Certificates),
             allow_plaintext,
             deadline: Instant::now() + Duration::from_secs(10),
             metrics: &self.metrics,

@@ -12,17 +12,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ServerConfig;
 use zeroize::Zeroizing;
 
 use crate::backend::login::Secret;
 use crate::backend::auth_query::AuthQuery;
 use crate::backend::Connector;
-use crate::config::{CertKey, ClientAuthMode, Config, ConfigError, SecretSource};
+use crate::config::{CertKey, ClientAuthMode, Config, ConfigError, SecretSource, DEFAULT_ROUTE};
 use crate::policy::rolemap::RoleMap;
 use crate::policy::scram::{userlist, Verifier};
 use crate::tls;
-use crate::tls::client_auth::CrlSummary;
+use crate::tls::client_auth::ClientAuthSetup;
+use crate::tls::server::{Keys, SESSION_CACHE_SIZE};
 use crate::tls::peer::PeerTls;
 use crate::tls::pem::{CertSummary, FileError};
 
@@ -37,24 +37,26 @@ pub enum BuildError {
     Rules(#[from] crate::policy::rolemap::RuleError),
 }
 
+mod routes;
+
+pub use routes::{Route, Routes};
+
 pub struct Runtime {
-    pub tls: Option<Arc<ServerConfig>>,
+    /// The top-level `[tls]`, `[client_auth]`, `[[rules]]` and `[backend]`:
+    /// the route named "default". Its certificate serves clients without
+    /// a server name.
+    pub default: Arc<Route>,
+    /// `[[routes]]`.
+    pub routes: Routes,
+    /// `routing.default`: clients that select no route reach the default.
+    pub routing_default: bool,
     pub allow_plaintext: bool,
-    pub client_auth: ClientAuthMode,
-    pub rolemap: RoleMap,
-    pub credentials: HashMap<String, Secret>,
-    pub connector: Arc<Connector>,
     pub handshake_timeout: Duration,
     pub auth_timeout: Duration,
     pub idle_timeout: Option<Duration>,
-    /// What was loaded, for `check` and the expiry metrics.
-    pub server_chain: Vec<CertSummary>,
-    pub client_cas: Vec<CertSummary>,
-    pub client_crls: Vec<CrlSummary>,
-    pub certificates: Vec<(&'static str, String, i64)>,
+    /// Every certificate and CRL loaded, for the expiry metrics.
+    pub certificates: Vec<CertExpiry>,
     pub log_level: String,
-    /// tls-server-end-point of the certificate served (SCRAM-PLUS).
-    pub server_end_point: Option<Vec<u8>>,
     /// SCRAM terminated at the proxy (`[scram]`), when on.
     pub scram: Option<ScramSetup>,
     /// `listen.proxy_protocol = "required"`: the trusted networks.
@@ -62,6 +64,10 @@ pub struct Runtime {
     /// The peer link's TLS, both directions (`[fleet]`).
     pub fleet_tls: Option<PeerTls>,
 }
+
+/// One certificate's (or CRL's) expiry: role (server, client_ca, crl,
+/// backend_client, fleet), route, subject, Unix time.
+pub type CertExpiry = (&'static str, String, String, i64);
 
 /// What SCRAM termination needs: the verifiers (from `scram.auth_file`)
 /// and the secret the mock exchange derives salts from.
@@ -75,41 +81,62 @@ pub struct ScramSetup {
 impl Runtime {
     /// Reads every file the config names and checks it. Binds nothing.
     pub fn build(config: &Config) -> Result<Runtime, BuildError> {
-        let server = tls::server::build(&config.tls, &config.client_auth)?;
-        let connector = Arc::new(Connector::new(&config.backend)?);
-        let rolemap = RoleMap::compile(&config.rules)?;
-        let credentials = load_credentials(config)?;
+        let top_client_auth = tls::client_auth::build(&config.client_auth)?;
+        let default = build_route(
+            DEFAULT_ROUTE,
+            config.tls.server.as_ref(),
+            Keys::TOP,
+            config,
+            (config.client_auth.effective_mode(), top_client_auth.clone(), false),
+            &config.rules,
+            &config.backend,
+            SESSION_CACHE_SIZE,
+        )?;
+        let mut routes = Routes::default();
+        for r in &config.routes {
+            let client = match &r.client_auth {
+                Some(own) => (own.effective_mode(), tls::client_auth::build(own)?, true),
+                None => (
+                    config.client_auth.effective_mode(),
+                    top_client_auth.clone(),
+                    false,
+                ),
+            };
+            let route = build_route(
+                &r.name,
+                r.cert_key().as_ref(),
+                Keys::ROUTE,
+                config,
+                client,
+                r.rules.as_deref().unwrap_or(&config.rules),
+                &r.backend,
+                0,
+            )?;
+            routes.add(&r.name, route, &r.server_names, &r.databases);
+        }
         let scram = load_scram(config)?;
-        let (tls, client_setup, server_chain, server_end_point) = match server {
-            Some(s) => (Some(s.config), s.client_auth, s.chain, s.end_point),
-            None => (None, None, Vec::new(), None),
-        };
-        let (client_cas, client_crls) = client_setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
         let fleet_tls = config.fleet.as_ref().map(tls::peer::build).transpose()?;
-        let mut certificates =
-            certificate_expiries(config, &server_chain, &client_cas, &client_crls)?;
+        let mut certificates = Vec::new();
+        certificate_expiries(&default, &config.backend, &mut certificates)?;
+        for (route, r) in routes.iter().zip(&config.routes) {
+            certificate_expiries(route, &r.backend, &mut certificates)?;
+        }
         certificates.extend(
             fleet_tls
                 .iter()
                 .flat_map(|t| &t.chain)
-                .map(|c| ("fleet", c.subject.clone(), c.not_after)),
+                .map(|c| ("fleet", String::new(), c.subject.clone(), c.not_after)),
         );
         Ok(Runtime {
-            tls,
+            default: Arc::new(default),
+            routes,
+            routing_default: config.routing.default,
             allow_plaintext: config.tls.allow_plaintext,
-            client_auth: config.client_auth.effective_mode(),
-            rolemap,
-            credentials,
-            connector,
             handshake_timeout: config.limits.handshake_timeout,
             auth_timeout: config.limits.auth_timeout,
             idle_timeout: config.limits.idle_timeout,
-            server_chain,
-            client_cas,
-            client_crls,
             certificates,
             log_level: config.log.level.clone(),
-            server_end_point,
             scram,
             proxy_trusted: (config.listen.proxy_protocol == crate::config::ProxyProtocol::Required)
                 .then(|| config.listen.proxy_trusted.clone()),
@@ -118,43 +145,84 @@ impl Runtime {
     }
 }
 
-/// (role, subject, not-after) for every certificate and CRL the config names.
-fn certificate_expiries(
+/// One route from its pieces; `client`: mode, built verifier, own.
+#[allow(clippy::too_many_arguments)]
+fn build_route(
+    name: &str,
+    cert: Option<&CertKey>,
+    keys: Keys,
     config: &Config,
-    server_chain: &[CertSummary],
-    client_cas: &[CertSummary],
-    client_crls: &[CrlSummary],
-) -> Result<Vec<(&'static str, String, i64)>, BuildError> {
-    let mut out = Vec::new();
+    client: (ClientAuthMode, Option<ClientAuthSetup>, bool),
+    rules: &[crate::config::RuleConfig],
+    backend: &crate::config::Backend,
+    session_cache: usize,
+) -> Result<Route, BuildError> {
+    let (client_auth, setup, own_client_auth) = client;
+    let server = cert
+        .map(|pair| tls::server::build_for(pair, keys, &config.tls, setup.clone(), session_cache))
+        .transpose()?;
+    let (client_cas, client_crls) = setup.map(|c| (c.cas, c.crls)).unwrap_or_default();
+    let (tls, chain, end_point) = match server {
+        Some(s) => (Some(s.config), s.chain, s.end_point),
+        None => (None, Vec::new(), None),
+    };
+    Ok(Route {
+        name: name.to_string(),
+        tls,
+        end_point,
+        client_auth,
+        own_client_auth,
+        rolemap: RoleMap::compile(rules)?,
+        credentials: load_credentials(backend)?,
+        connector: Arc::new(Connector::new(backend)?),
+        chain,
+        client_cas,
+        client_crls,
+    })
+}
+
+/// (role, route, subject, not-after) for every certificate and CRL a
+/// route uses.
+fn certificate_expiries(
+    route: &Route,
+    backend: &crate::config::Backend,
+    out: &mut Vec<CertExpiry>,
+) -> Result<(), BuildError> {
+    let name = || route.name.clone();
     out.extend(
-        server_chain
+        route
+            .chain
             .iter()
-            .map(|c| ("server", c.subject.clone(), c.not_after)),
+            .map(|c| ("server", name(), c.subject.clone(), c.not_after)),
     );
     out.extend(
-        client_cas
+        route
+            .client_cas
             .iter()
-            .map(|c| ("client_ca", c.subject.clone(), c.not_after)),
+            .map(|c| ("client_ca", name(), c.subject.clone(), c.not_after)),
     );
     out.extend(
-        client_crls
+        route
+            .client_crls
             .iter()
-            .filter_map(|c| Some(("crl", c.issuer.clone(), c.next_update?))),
+            .filter_map(|c| Some(("crl", name(), c.issuer.clone(), c.next_update?))),
     );
-    if let Some(CertKey { cert: path, .. }) = &config.backend.client_cert {
+    if let Some(CertKey { cert: path, .. }) = &backend.client_cert {
         for cert in tls::pem::certs("backend.sslcert", path)? {
             let c = CertSummary::parse(&cert)
                 .map_err(|r| FileError::new("backend.sslcert", path, r))?;
-            out.push(("backend_client", c.subject, c.not_after));
+            out.push(("backend_client", name(), c.subject, c.not_after));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Reads `[backend.credentials]` secrets from their files or variables.
-fn load_credentials(config: &Config) -> Result<HashMap<String, Secret>, BuildError> {
+fn load_credentials(
+    backend: &crate::config::Backend,
+) -> Result<HashMap<String, Secret>, BuildError> {
     let mut out = HashMap::new();
-    for (role, source) in &config.backend.credentials {
+    for (role, source) in &backend.credentials {
         let value = read_secret(source, "backend.credentials", role)?;
         out.insert(role.clone(), Secret::new(value));
     }
