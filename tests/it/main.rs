@@ -36,6 +36,7 @@ mod psql_verify_full_through_intermediate;
 mod reload_certificate_rotation;
 mod reload_revocation_defeats_resumption;
 mod reload_under_pgbench;
+mod routes_backend_tls_client_auth_reload;
 mod routes_by_server_name;
 mod scram_auth_query;
 mod scram_channel_binding_table;
