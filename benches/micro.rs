@@ -304,12 +304,41 @@ fn bench_scram(c: &mut Criterion) {
     g.finish();
 }
 
+/// Route selection with 10,000 routes (`[[routes]]`): 9,000 exact names
+/// and 1,000 wildcards; an exact hit, a wildcard hit (one lowercase
+/// allocation-free lookup each), a miss, and a mixed-case name.
+fn bench_routes(c: &mut Criterion) {
+    use pg_tls_proxy::runtime::Routes;
+    let mut routes: Routes<u32> = Routes::default();
+    for i in 0..10_000u32 {
+        let name = if i < 9_000 {
+            format!("db{i}.tenants.example.test")
+        } else {
+            format!("*.shard{i}.example.test")
+        };
+        routes.add(&format!("r{i}"), i, &[name], &[]);
+    }
+    let mut g = c.benchmark_group("route_select_10k");
+    for (label, sni) in [
+        ("exact", "db4321.tenants.example.test"),
+        ("wildcard", "eu.shard9876.example.test"),
+        ("miss", "nothing.example.test"),
+        ("mixed_case", "DB4321.Tenants.example.test"),
+    ] {
+        g.bench_function(label, |b| {
+            b.iter(|| std::hint::black_box(routes.for_server_name(std::hint::black_box(sni))))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_parsing,
     bench_rules,
     bench_tls,
     bench_relay,
-    bench_scram
+    bench_scram,
+    bench_routes
 );
 criterion_main!(benches);

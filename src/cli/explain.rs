@@ -203,6 +203,7 @@ pub fn command(
     user: Option<String>,
     database: Option<String>,
     replication: Option<String>,
+    route: Option<String>,
 ) -> ExitCode {
     let replication = match replication.as_deref().map(Replication::parse) {
         None => Replication::None,
@@ -214,13 +215,35 @@ pub fn command(
             return ExitCode::from(EX_USAGE);
         }
     };
-    let config = match Config::load(config.as_deref()) {
+    let mut config = match Config::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pg-tls-proxy: configuration error: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
+    // A route's own rules and client certificates, else the top level's.
+    if let Some(name) = route
+        .as_deref()
+        .filter(|n| *n != crate::config::DEFAULT_ROUTE)
+    {
+        let Some(r) = config.routes.iter().find(|r| r.name == name).cloned() else {
+            let known: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+            eprintln!(
+                "pg-tls-proxy explain: --route: no route {name:?} (routes: default{}{})",
+                if known.is_empty() { "" } else { ", " },
+                known.join(", ")
+            );
+            return ExitCode::from(EX_USAGE);
+        };
+        if let Some(rules) = r.rules {
+            config.rules = rules;
+        }
+        if let Some(client_auth) = r.client_auth {
+            config.client_auth = client_auth;
+        }
+        out!("route {name}");
+    }
     match explain(
         &config,
         &cert,

@@ -56,6 +56,10 @@ enum Command {
         /// (`true`, `database`, ...).
         #[arg(long)]
         replication: Option<String>,
+        /// A `[[routes]]` name: its rules and client_auth (the top level's
+        /// where it has none).
+        #[arg(long)]
+        route: Option<String>,
     },
     /// Write a throwaway CA, server and client certificates (development only).
     DevCerts {
@@ -93,7 +97,8 @@ pub fn main() -> ExitCode {
             user,
             database,
             replication,
-        }) => explain::command(cli.config, cert, user, database, replication),
+            route,
+        }) => explain::command(cli.config, cert, user, database, replication, route),
         None => serve(cli.config),
     }
 }

@@ -26,6 +26,7 @@ pub struct ServerTls {
 
 /// The server config from `[tls]` and `[client_auth]` alone (tests,
 /// benches, fuzz targets); `None` without a certificate.
+#[cfg(any(test, feature = "testing"))]
 pub fn build(
     tls: &config::Tls,
     client: &config::ClientAuth,

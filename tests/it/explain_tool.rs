@@ -40,6 +40,17 @@ identity = "uri"
 pattern = 'spiffe://prod/ns/([a-z]+)/sa/([a-z]+)'
 roles = ['\2', "readonly"]
 databases = ["app"]
+[[routes]]
+name = "shop"
+server_names = ["shop.example.test"]
+cert = "{chain}"
+key = "{key}"
+[routes.backend]
+address = "127.0.0.1:1"
+[[routes.rules]]
+identity = "uri"
+exact = "spiffe://prod/ns/shop/sa/web"
+roles = ["admin"]
 "#,
         chain = pki.server_chain.display(),
         key = pki.server_key.display(),
@@ -86,4 +97,31 @@ databases = ["app"]
         "{text}"
     );
     assert_eq!(code, 1, "{text}");
+
+    // A route's own rules: what the same certificate may do through it.
+    let routed = |route: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+            .args(["explain", "--config"])
+            .arg(&config)
+            .arg("--cert")
+            .arg(&cert.chain)
+            .args(["--user", "admin", "--database", "app", "--route", route])
+            .output()
+            .expect("run explain");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = routed("shop");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.starts_with("route shop"), "{text}");
+    assert!(text.contains("decision: ALLOW by rule 0"), "{text}");
+    let (code, text) = routed("nope");
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains("no route \"nope\" (routes: default, shop)"),
+        "{text}"
+    );
 }
