@@ -170,6 +170,18 @@ fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
         files.extend([pair.cert.clone(), pair.key.clone()]);
     }
     files.extend(c.client_auth.ca.iter().cloned());
+    for r in &c.routes {
+        if let Some(pair) = r.cert_key() {
+            files.extend([pair.cert, pair.key]);
+        }
+        for pair in &r.backend.client_cert {
+            files.extend([pair.cert.clone(), pair.key.clone()]);
+        }
+        files.extend(r.backend.sslrootcert.iter().cloned());
+        if let Some(ca) = &r.client_auth {
+            files.extend(ca.ca.iter().chain(&ca.crl).cloned());
+        }
+    }
     if let Some(f) = &c.fleet {
         files.extend([f.cert.clone(), f.key.clone()]);
         files.extend(f.ca.iter().cloned());

@@ -413,3 +413,58 @@ async fn password_and_certificate_clients_on_one_listener() {
         1.0
     );
 }
+
+/// SCRAM-PLUS binds to the certificate the connection was served: a
+/// route's own (chosen by its server name) or the default one, each hash
+/// computed once with its route, never looked up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_plus_binds_to_the_routes_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = PgCluster::start(crate::common::pg::PgOptions {
+        hba: vec!["host all all 127.0.0.1/32 scram-sha-256".into()],
+        roles: vec![PgRole::new("alice", "secret")],
+        ..Default::default()
+    });
+    let (auth_file, secret) = scram_files(dir.path(), &pg, &["alice"]);
+    let mut c = config(&pki, &pg.address());
+    terminating(&mut c, &auth_file, &secret);
+    let cert = pki.issue_server("db2.example.test", &["db2.example.test"]);
+    c.routes = vec![pg_tls_proxy::config::RouteConfig {
+        name: "two".into(),
+        server_names: vec!["db2.example.test".into()],
+        databases: vec![],
+        cert: Some(cert.chain.clone()),
+        key: Some(cert.key.clone()),
+        cert_dir: None,
+        backend: pg_tls_proxy::config::Backend {
+            address: pg.address(),
+            ..Default::default()
+        },
+        client_auth: None,
+        rules: None,
+    }];
+    let proxy = TestProxy::start(c).await;
+    for host in ["host=db2.example.test hostaddr=127.0.0.1", "host=127.0.0.1"] {
+        let conn = format!(
+            "{host} port={} user=alice dbname=postgres sslmode=verify-full sslrootcert={} channel_binding=require",
+            proxy.port(),
+            pki.root_cert.display()
+        );
+        assert_eq!(
+            psql(&conn, Some("secret"), "SELECT current_user")
+                .await
+                .as_deref(),
+            Ok("alice"),
+            "{host}"
+        );
+    }
+    assert_eq!(
+        proxy.metric(r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#),
+        2.0
+    );
+    assert_eq!(
+        proxy.metric(r#"pgtls_route_sessions_total{route="two",selected_by="server_name"}"#),
+        1.0
+    );
+}
