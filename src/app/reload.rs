@@ -174,7 +174,7 @@ fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
         if let Some(pair) = r.cert_key() {
             files.extend([pair.cert, pair.key]);
         }
-        for pair in &r.backend.client_cert {
+        if let Some(pair) = &r.backend.client_cert {
             files.extend([pair.cert.clone(), pair.key.clone()]);
         }
         files.extend(r.backend.sslrootcert.iter().cloned());
