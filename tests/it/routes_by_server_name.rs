@@ -49,6 +49,7 @@ async fn routes_by_server_name_options_and_database() {
     pg2.psql("CREATE DATABASE shard2_eu");
     let (port1, port2) = (pg1.port().to_string(), pg2.port().to_string());
 
+    let db1 = pki.issue_server("db1.example.test", &["db1.example.test"]);
     let db2 = pki.issue_server("db2.example.test", &["db2.example.test"]);
     let tenants = pki.issue_server("tenants", &["*.tenants.example.test"]);
     // cert-manager's layout for the wildcard route.
@@ -62,13 +63,19 @@ async fn routes_by_server_name_options_and_database() {
     (two.cert, two.key) = (Some(db2.chain.clone()), Some(db2.key.clone()));
     let mut t = route("tenants", &["*.tenants.example.test"], &["shard2_*"], &pg2);
     t.cert_dir = Some(tenants_dir.clone());
-    c.routes = vec![two, t];
+    let mut one = route("one", &["db1.example.test"], &[], &pg1);
+    (one.cert, one.key) = (Some(db1.chain.clone()), Some(db1.key.clone()));
+    c.routes = vec![one, two, t];
     let proxy = TestProxy::start(c.clone()).await;
     let root = &pki.root_cert;
     let port_of =
         |conn: String| async move { psql(&conn, None, "SELECT current_setting('port')").await };
 
     // Server names pick the route; each verified against its own certificate.
+    assert_eq!(
+        port_of(conn(&proxy, "db1.example.test", root, "")).await,
+        Ok(port1.clone())
+    );
     assert_eq!(
         port_of(conn(&proxy, "db2.example.test", root, "")).await,
         Ok(port2.clone())
