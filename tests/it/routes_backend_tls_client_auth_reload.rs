@@ -2,9 +2,9 @@
 //! added by a reload: one route reaches a PostgreSQL that wants TLS
 //! verify-full and the proxy's client certificate, another a plaintext
 //! one; a route with its own `client_auth` wants a client certificate and
-//! cannot be reached without its server name; a reload that adds a route
-//! while pgbench (a new TLS connection per transaction) runs through
-//! another loses no transaction.
+//! cannot be reached without its server name; reloads that add and remove
+//! routes while pgbench (a new TLS connection per transaction) runs
+//! through another lose no transaction.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -175,6 +175,31 @@ async fn per_route_backend_tls_client_auth_and_reload() {
         psql(&via("added.example.test"), None, link).await,
         Ok(format!("{} true /CN=bob", secure.port())),
         "the new route serves at once"
+    );
+    // Removing a route: its name falls back to the default route (another
+    // certificate, no client certificate asked for).
+    let without_mtls = added.replace(&mtls_route, "");
+    config_file(
+        dir.path(),
+        &pki.server_chain,
+        &pki.server_key,
+        &plain.address(),
+        &without_mtls,
+    );
+    proxy
+        .handle()
+        .reload()
+        .await
+        .expect("reload removes a route");
+    assert_eq!(
+        psql(
+            &via("mtls.example.test").replace("verify-full", "verify-ca"),
+            None,
+            "SELECT current_setting('port')"
+        )
+        .await,
+        Ok(plain.port().to_string()),
+        "no route by that name any more"
     );
     let out = tokio::task::spawn_blocking(move || bench.wait_with_output())
         .await
