@@ -60,7 +60,15 @@ impl Reloader {
     /// Reloads now; `Err` says why the old state was kept.
     pub async fn reload(&self) -> Result<(), String> {
         let mut current = self.current.lock().await;
-        let result = self.try_reload(&current);
+        // Reading files and building every route's TLS config takes time
+        // (10,000 routes: about a second): off the async worker when the
+        // runtime has others to keep serving.
+        let result = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.try_reload(&current))
+            }
+            _ => self.try_reload(&current),
+        };
         let metrics = &self.shared.metrics;
         match result {
             Ok((config, runtime, pending)) => {
