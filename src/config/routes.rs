@@ -102,6 +102,12 @@ impl RouteConfig {
             ));
         }
         for sni in &self.server_names {
+            if sni.parse::<std::net::IpAddr>().is_ok() {
+                return Err((
+                    "routes.server_names",
+                    format!("route {name}: {sni} is an address; clients send no server name for an address (use databases or pgtls.route for them)"),
+                ));
+            }
             if !server_name_ok(sni) {
                 return Err((
                     "routes.server_names",
@@ -139,6 +145,7 @@ fn server_name_ok(name: &str) -> bool {
 pub(crate) fn check(routes: &[RouteConfig]) -> Check {
     let mut names = HashMap::new();
     let mut server_names: HashMap<&str, &str> = HashMap::new();
+    let mut databases: HashMap<&str, &str> = HashMap::new();
     for r in routes {
         r.check()?;
         if names.insert(r.name.as_str(), ()).is_some() {
@@ -146,9 +153,22 @@ pub(crate) fn check(routes: &[RouteConfig]) -> Check {
         }
         for sni in &r.server_names {
             if let Some(other) = server_names.insert(sni, &r.name) {
+                let why = if other == r.name {
+                    format!("{sni} is listed twice in route {other}")
+                } else {
+                    format!("{sni} selects both route {other} and route {}", r.name)
+                };
+                return Err(("routes.server_names", why));
+            }
+        }
+        for db in &r.databases {
+            if let Some(other) = databases.insert(db, &r.name) {
                 return Err((
-                    "routes.server_names",
-                    format!("{sni} selects both route {other} and route {}", r.name),
+                    "routes.databases",
+                    format!(
+                        "{db} is given for route {other} and route {} (the first would always win)",
+                        r.name
+                    ),
                 ));
             }
         }
@@ -181,6 +201,11 @@ mod tests {
             ),
             ("name='t1'\nserver_names=['*']", "routes.server_names"),
             ("name='t1'\ndatabases=['a*b']", "routes.databases"),
+            ("name='t1'\nserver_names=['127.0.0.1']", "is an address"),
+            (
+                "name='t1'\nserver_names=['a.test','a.test']",
+                "listed twice in route t1",
+            ),
         ] {
             let err = Config::from_toml(&format!(
                 "{BASE}[[routes]]\n{bad}\ncert_dir='/x'\n[routes.backend]\naddress='h:1'\n"

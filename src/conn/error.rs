@@ -294,6 +294,8 @@ pub enum RouteError {
     NoRoute,
     #[error("route \"{0}\" does not exist")]
     Unknown(String),
+    #[error("the default route is off (routing.default = false)")]
+    DefaultOff,
     #[error("route \"{named}\" named in options differs from the route of the server name (\"{sni}\")")]
     Mismatch { named: String, sni: String },
     #[error("route \"{0}\" can only be reached by its server name (it checks client certificates during the TLS handshake)")]

@@ -228,6 +228,12 @@ async fn session(
         Ok(n) => (n.user, n.database, n.replication),
         Err(e) => return fail(e.into(), client),
     };
+    let span = tracing::Span::current();
+    span.record("user", user.as_str());
+    span.record("database", database.as_str());
+    record.user = Some(user.clone());
+    record.database = Some(database.clone());
+    record.protocol_minor = Some(startup.client_minor());
     let by_name = record.tls.as_ref().and_then(|t| t.route.clone());
     let (route, selected_by) =
         match route::after_startup(rt, by_name.as_ref(), named_route, &database) {
@@ -241,12 +247,6 @@ async fn session(
         served,
         ..*conn
     };
-    let span = tracing::Span::current();
-    span.record("user", user.as_str());
-    span.record("database", database.as_str());
-    record.user = Some(user.clone());
-    record.database = Some(database.clone());
-    record.protocol_minor = Some(startup.client_minor());
     let access = authorize(
         conn.route,
         &conn.ctx.metrics,

@@ -59,10 +59,9 @@ pub(super) fn after_startup(
     let default = (rt.routing_default || rt.routes.is_empty()).then(|| rt.default.clone());
     if let Some(n) = named {
         let route = match n.as_str() {
-            DEFAULT_ROUTE => default,
-            _ => rt.routes.by_name(&n).cloned(),
-        }
-        .ok_or(RouteError::Unknown(n))?;
+            DEFAULT_ROUTE => default.ok_or(RouteError::DefaultOff)?,
+            _ => rt.routes.by_name(&n).cloned().ok_or(RouteError::Unknown(n))?,
+        };
         if route.own_client_auth {
             return Err(RouteError::NeedsServerName(route.name.clone()));
         }

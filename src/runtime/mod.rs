@@ -111,7 +111,15 @@ impl Runtime {
                 r.rules.as_deref().unwrap_or(&config.rules),
                 &r.backend,
                 0,
-            )?;
+            )
+            .map_err(|e| match e {
+                BuildError::File(f) => BuildError::File(FileError {
+                    reason: format!("route {}: {}", r.name, f.reason),
+                    ..f
+                }),
+                other => other,
+            })?;
+            covers(&route, r)?;
             routes.add(&r.name, route, &r.server_names, &r.databases);
         }
         let scram = load_scram(config)?;
@@ -179,6 +187,44 @@ fn build_route(
         client_cas,
         client_crls,
     })
+}
+
+/// A route's certificate must be valid for each of its server names, or
+/// verify-full clients would be refused on every connection.
+fn covers(route: &Route, r: &crate::config::RouteConfig) -> Result<(), BuildError> {
+    let Some(leaf) = route.chain.first() else {
+        return Ok(());
+    };
+    let dns: Vec<String> = leaf
+        .sans
+        .iter()
+        .filter_map(|s| s.strip_prefix("DNS:"))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    for sni in &r.server_names {
+        let parent_wildcard = sni
+            .split_once('.')
+            .filter(|_| !sni.starts_with("*."))
+            .map(|(_, parent)| format!("*.{parent}"));
+        let ok = dns
+            .iter()
+            .any(|d| d == sni || Some(d) == parent_wildcard.as_ref());
+        if !ok {
+            let path = r.cert_key().map(|p| p.cert).unwrap_or_default();
+            return Err(FileError::new(
+                "routes.cert",
+                &path,
+                format!(
+                    "route {}: the certificate ({}) is not valid for {sni}; its names: {}",
+                    r.name,
+                    leaf.subject,
+                    if dns.is_empty() { "none".to_string() } else { dns.join(", ") }
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// (role, route, subject, not-after) for every certificate and CRL a

@@ -24,6 +24,7 @@ fn explain(config: &std::path::Path, cert: &std::path::Path, user: &str) -> (i32
 fn explain_allowed_and_denied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
+    let shop = pki.issue_server("shop", &["shop.example.test"]);
     let toml = format!(
         r#"
 [tls]
@@ -43,8 +44,8 @@ databases = ["app"]
 [[routes]]
 name = "shop"
 server_names = ["shop.example.test"]
-cert = "{chain}"
-key = "{key}"
+cert = "{shop_chain}"
+key = "{shop_key}"
 [routes.backend]
 address = "127.0.0.1:1"
 [[routes.rules]]
@@ -54,7 +55,9 @@ roles = ["admin"]
 "#,
         chain = pki.server_chain.display(),
         key = pki.server_key.display(),
-        root = pki.root_cert.display()
+        root = pki.root_cert.display(),
+        shop_chain = shop.chain.display(),
+        shop_key = shop.key.display()
     );
     let config = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
     let cert = pki.issue_client_with(ClientCertOpts {

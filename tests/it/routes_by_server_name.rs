@@ -66,6 +66,21 @@ async fn routes_by_server_name_options_and_database() {
     let mut one = route("one", &["db1.example.test"], &[], &pg1);
     (one.cert, one.key) = (Some(db1.chain.clone()), Some(db1.key.clone()));
     c.routes = vec![one, two, t];
+    // A route serving a certificate that does not cover its names is a
+    // load error, not verify-full failures later.
+    let mut wrong = c.clone();
+    wrong.routes[1].cert = Some(db1.chain.clone());
+    wrong.routes[1].key = Some(db1.key.clone());
+    let err = match pg_tls_proxy::app::start(wrong, &prometheus::Registry::new()).await {
+        Ok(_) => panic!("a certificate without the route's name must refuse the start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(
+            "route two: the certificate (CN=db1.example.test) is not valid for db2.example.test"
+        ),
+        "{err}"
+    );
     let proxy = TestProxy::start(c.clone()).await;
     let root = &pki.root_cert;
     let port_of =
