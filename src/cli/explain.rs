@@ -152,6 +152,18 @@ pub fn explain(
     if trace.is_empty() {
         let _ = writeln!(w, "  (no rules: every certificate is denied)");
     }
+    // Without client certificates the proxy applies no rule: every client
+    // is a password client, authenticated by the backend (or [scram]).
+    if config.client_auth.effective_mode() == ClientAuthMode::None {
+        let _ = writeln!(
+            w,
+            "decision: NOT DECIDED HERE: client_auth.mode is none, so no rule applies; the client logs in with its password"
+        );
+        return Ok(Explained {
+            text: out,
+            allowed: user.map(|_| true),
+        });
+    }
     let allowed =
         user.map(
             |u| match rules.decide(&identity, u, database.unwrap_or(u), replication) {

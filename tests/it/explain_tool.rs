@@ -25,6 +25,7 @@ fn explain_allowed_and_denied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
     let shop = pki.issue_server("shop", &["shop.example.test"]);
+    let open = pki.issue_server("open", &["open.example.test"]);
     let toml = format!(
         r#"
 [tls]
@@ -52,12 +53,23 @@ address = "127.0.0.1:1"
 identity = "uri"
 exact = "spiffe://prod/ns/shop/sa/web"
 roles = ["admin"]
+[[routes]]
+name = "open"
+server_names = ["open.example.test"]
+cert = "{open_chain}"
+key = "{open_key}"
+[routes.backend]
+address = "127.0.0.1:1"
+[routes.client_auth]
+mode = "none"
 "#,
         chain = pki.server_chain.display(),
         key = pki.server_key.display(),
         root = pki.root_cert.display(),
         shop_chain = shop.chain.display(),
-        shop_key = shop.key.display()
+        shop_key = shop.key.display(),
+        open_chain = open.chain.display(),
+        open_key = open.key.display()
     );
     let config = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
     let cert = pki.issue_client_with(ClientCertOpts {
@@ -124,7 +136,14 @@ roles = ["admin"]
     let (code, text) = routed("nope");
     assert_eq!(code, 64, "{text}");
     assert!(
-        text.contains("no route \"nope\" (routes: default, shop)"),
+        text.contains("no route \"nope\" (routes: default, shop, open)"),
+        "{text}"
+    );
+    // A route that asks for no certificate applies no rule.
+    let (code, text) = routed("open");
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("client_auth.mode is none, so no rule applies"),
         "{text}"
     );
 }
