@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: direct PostgreSQL (plaintext and TLS), PgBouncer
-# (client TLS, session pooling) and pg-tls-proxy (plaintext and verify-full
-# backend link), all on 127.0.0.1 of this machine, with throwaway parts.
+# Side-by-side benchmark: direct PostgreSQL (plaintext and TLS), HAProxy (mode
+# tcp, plaintext both sides: the cheapest possible hop, figure a only),
+# PgBouncer (client TLS, session pooling) and pg-tls-proxy (plaintext and
+# verify-full backend link), all on 127.0.0.1 of this machine, with throwaway
+# parts. Figure a also gives each single-process front end's CPU per
+# transaction (utime + stime from /proc/PID/stat over the run).
 #
 #   bash benches/compare.sh            # full run (~10 minutes on 2 cores)
 #   bash benches/compare.sh --quick    # smoke run (~2 minutes)
@@ -69,6 +72,14 @@ if ! command -v pgbouncer >/dev/null; then
   fi
 fi
 command -v pgbouncer >/dev/null || { echo "pgbouncer not found: apt-get install pgbouncer" >&2; exit 1; }
+if ! command -v haproxy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing HAProxy (apt-get install haproxy)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+  fi
+fi
+command -v haproxy >/dev/null || { echo "haproxy not found: apt-get install haproxy" >&2; exit 1; }
 for tool in python3 curl openssl; do
   command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
 done
@@ -128,10 +139,10 @@ trap 'exit 130' INT TERM
 
 # Distinct free loopback ports, all bound at once so that no two are equal.
 read -r PG_PORT PGB_PORT PX_PORT PX_ADMIN VF_PORT VF_ADMIN DENY_PORT DENY_ADMIN \
-  DEAD_PORT DEAD_ADMIN DEAD_BACKEND < <(python3 -c '
+  DEAD_PORT DEAD_ADMIN DEAD_BACKEND HAP_PORT < <(python3 -c '
 import socket
 socks = []
-for _ in range(11):
+for _ in range(12):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))')
 
@@ -235,6 +246,26 @@ stop_pid() { # name signal
 }
 start_pgbouncer
 
+say "HAProxy on 127.0.0.1:$HAP_PORT (mode tcp, plaintext both sides, one process)"
+cat > "$work/haproxy.cfg" <<CFG
+global
+  maxconn $((N + 200))
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+frontend pg
+  bind 127.0.0.1:$HAP_PORT
+  default_backend pg
+backend pg
+  server pg 127.0.0.1:$PG_PORT
+CFG
+haproxy -c -f "$work/haproxy.cfg" >/dev/null || { echo "haproxy config check failed" >&2; exit 1; }
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+pid[haproxy]=$!
+wait_tcp "$HAP_PORT" 10 || { cat "$work/haproxy.log" >&2; echo "HAProxy did not start" >&2; exit 1; }
+
 say "pg-tls-proxy instances"
 proxy_conf() { # name port admin backend_port sslmode extra-toml
   cat > "$work/$1.toml" <<CONF
@@ -287,8 +318,14 @@ echo "pg-tls-proxy :$PX_PORT (plaintext backend), :$VF_PORT (verify-full backend
 
 # ------------------------------------------------------------ targets
 TARGETS=(pg_plain pg_tls pgbouncer proxy proxy_vf)
-tport() { case $1 in pg_plain|pg_tls) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; *) echo "${proxy_port[$1]}" ;; esac; }
-tssl() { if [ "$1" = pg_plain ]; then echo disable; else echo require; fi; }
+tport() { case $1 in pg_plain|pg_tls) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; haproxy) echo "$HAP_PORT" ;; *) echo "${proxy_port[$1]}" ;; esac; }
+tssl() { case $1 in pg_plain|haproxy) echo disable ;; *) echo require ;; esac; }
+# Figure a also runs through HAProxy: the floor for a hop's CPU.
+A_TARGETS=(pg_plain pg_tls haproxy pgbouncer proxy proxy_vf)
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { # pid -> utime + stime of the whole process (all threads), in ticks
+  awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
 on() { # target command...
   local t=$1; shift
   PGHOST=127.0.0.1 PGPORT=$(tport "$t") PGSSLMODE=$(tssl "$t") PGUSER=bench PGDATABASE=bench "$@"
@@ -318,7 +355,8 @@ m_pgbench() { # target seconds extra-args...
   local failed
   failed=$(echo "$out" | awk '/number of failed transactions/{print $5; exit}')
   [ -n "$failed" ] && [ "$failed" != 0 ] && warn "$t pgbench $*: $failed failed transactions"
-  echo "$out" | awk '/^tps = /{print $3; exit}'
+  # "tps processed": the rate, and the transactions done.
+  echo "$out" | awk '/^tps = /{tps=$3} /number of transactions actually processed/{n=$6} END{print tps, n}'
 }
 elapsed_rate() { # t0 t1 bytes -> MB/s
   awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { printf "%.1f", n / 1e6 / (b - a) }'
@@ -349,10 +387,23 @@ jget() { python3 -c 'import json, sys; d = json.loads(sys.argv[1]); print(d[sys.
 
 # ------------------------------------------------------------ figures
 fig_a() {
-  say "a. pgbench -S -c 8 -j 2 -T $T_TPS over TLS (plaintext for direct PG plaintext)"
+  say "a. pgbench -S -c 8 -j 2 -T $T_TPS over TLS (plaintext for direct PG plaintext and HAProxy)"
   for r in $(seq "$rounds"); do
-    for t in "${TARGETS[@]}"; do
-      if v=$(m_pgbench "$t" "$T_TPS" -S); then record tps "$t" "$r" "$v"; else record tps "$t" "$r" FAIL; warn "a. $t round $r failed"; fi
+    for t in "${A_TARGETS[@]}"; do
+      local p=${pid[$t]:-} c0=0 c1 v tps n
+      [ -n "$p" ] && c0=$(cpu_ticks "$p")
+      if v=$(m_pgbench "$t" "$T_TPS" -S); then
+        read -r tps n <<<"$v"
+        record tps "$t" "$r" "$tps"
+        # The front end's own CPU per transaction (a single process:
+        # HAProxy, PgBouncer, the proxy); PostgreSQL forks per session.
+        if [ -n "$p" ] && [ "${n:-0}" -gt 0 ]; then
+          c1=$(cpu_ticks "$p")
+          record cpu_tx "$t" "$r" "$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.1f", d / hz * 1e6 / n }')"
+        fi
+      else
+        record tps "$t" "$r" FAIL; warn "a. $t round $r failed"
+      fi
     done
   done
   return 0
@@ -494,8 +545,8 @@ meta="$work/meta.tsv"
   printf 'proxy_commit\t%s\n' "$commit"
   printf 'bulk\t%s MB\n' "$(awk -v b="$BULK_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }')"
   printf 'sessions\t%s\n' "$N"
-  printf 'settings\t%s\n' "durations: a ${T_TPS} s, b ${T_STORM} s, d ${T_LAT} s, f ${T_HS} s per cell; clients: libpq sslmode=require (TLS 1.3, server certificate not verified), gssencmode=disable; PostgreSQL: trust auth on 127.0.0.1, fsync/synchronous_commit/full_page_writes off, autovacuum off, unlogged COPY table, shared_buffers 256MB; PgBouncer: session pooling, client TLS, plaintext server link; pg-tls-proxy: log.level warn, plaintext or verify-full backend link"
-  printf 'notes\t%s\n' "All clients and servers share the same $(nproc) cores, so client CPU (pgbench, psql, Python) competes with the server measured.|b: PgBouncer keeps server connections in its pool, so its storm figure skips the PostgreSQL backend start that direct and proxied sessions pay; pg-tls-proxy opens one backend connection per client session.|c: MB = 10^6 bytes; the time includes psql start-up and, for COPY FROM, PostgreSQL's heap inserts.|d: plaintext direct PostgreSQL is the floor; pgbench simple protocol, one connection.|e: VmRSS of the one process (PgBouncer, or the proxy) with N sessions open minus before, divided by N; PgBouncer's figure includes its N server connections, the verify-full proxy's its N backend TLS links; direct PostgreSQL has one process per session, not comparable.|f: Python ssl clients (8 processes) do SSLRequest, TLS 1.3, StartupMessage and read the refusal: PostgreSQL (hba reject of user nobody, one forked process per connection), PgBouncer (unknown user), pg-tls-proxy with a required client certificate that no rule allows (FATAL 28000; the client signs and the proxy verifies a certificate, which PostgreSQL and PgBouncer do not); the no-client-cert row uses a proxy whose backend port is closed (FATAL 08006). The Python clients use much of the CPU, so these rates are lower bounds. PostgreSQL 15 turns off TLS session tickets and its session cache, so its resumption row is full handshakes.$( [ -s "$work/warnings" ] && printf '|Warnings during this run: %s' "$(paste -sd';' "$work/warnings")" )"
+  printf 'settings\t%s\n' "durations: a ${T_TPS} s, b ${T_STORM} s, d ${T_LAT} s, f ${T_HS} s per cell; clients: libpq sslmode=require (TLS 1.3, server certificate not verified), gssencmode=disable; PostgreSQL: trust auth on 127.0.0.1, fsync/synchronous_commit/full_page_writes off, autovacuum off, unlogged COPY table, shared_buffers 256MB; HAProxy $(haproxy -v | head -n 1 | awk '{print $3}'): mode tcp, plaintext both sides, figure a only; PgBouncer: session pooling, client TLS, plaintext server link; pg-tls-proxy: log.level warn, plaintext or verify-full backend link"
+  printf 'notes\t%s\n' "All clients and servers share the same $(nproc) cores, so client CPU (pgbench, psql, Python) competes with the server measured.|a: CPU per transaction is utime+stime of the front-end process (HAProxy, PgBouncer, pg-tls-proxy: each one process) over the run divided by the transactions pgbench counted, from /proc/PID/stat (resolution 1/CLK_TCK s); HAProxy is plaintext on both sides, the cheapest possible hop.|b: PgBouncer keeps server connections in its pool, so its storm figure skips the PostgreSQL backend start that direct and proxied sessions pay; pg-tls-proxy opens one backend connection per client session.|c: MB = 10^6 bytes; the time includes psql start-up and, for COPY FROM, PostgreSQL's heap inserts.|d: plaintext direct PostgreSQL is the floor; pgbench simple protocol, one connection.|e: VmRSS of the one process (PgBouncer, or the proxy) with N sessions open minus before, divided by N; PgBouncer's figure includes its N server connections, the verify-full proxy's its N backend TLS links; direct PostgreSQL has one process per session, not comparable.|f: Python ssl clients (8 processes) do SSLRequest, TLS 1.3, StartupMessage and read the refusal: PostgreSQL (hba reject of user nobody, one forked process per connection), PgBouncer (unknown user), pg-tls-proxy with a required client certificate that no rule allows (FATAL 28000; the client signs and the proxy verifies a certificate, which PostgreSQL and PgBouncer do not); the no-client-cert row uses a proxy whose backend port is closed (FATAL 08006). The Python clients use much of the CPU, so these rates are lower bounds. PostgreSQL 15 turns off TLS session tickets and its session cache, so its resumption row is full handshakes.$( [ -s "$work/warnings" ] && printf '|Warnings during this run: %s' "$(paste -sd';' "$work/warnings")" )"
 } > "$meta"
 mkdir -p "$repo/benches/results"
 python3 "$helpers" report --results "$results" --meta "$meta" --out "$out_md"

@@ -237,6 +237,7 @@ def cmd_idle(a):
 TARGETS = [
     ("pg_plain", "direct PG plaintext"),
     ("pg_tls", "direct PG TLS"),
+    ("haproxy", "HAProxy plaintext"),
     ("pgbouncer", "PgBouncer TLS"),
     ("proxy", "pg-tls-proxy"),
     ("proxy_vf", "pg-tls-proxy (verify-full backend)"),
@@ -245,6 +246,7 @@ TARGETS = [
 # key, label, unit, higher_is_better, decimals
 FIGURES = [
     ("tps", "a. pgbench -S, 8 clients, 2 threads", "tx/s", True, 0),
+    ("cpu_tx", "a. front end's CPU per transaction (utime+stime)", "µs", False, 1),
     ("storm", "b. connection storm, pgbench -C -S, 8 clients", "sessions/s", True, 0),
     ("copy_out", "c. COPY ... TO STDOUT, {bulk}", "MB/s", True, 0),
     ("copy_in", "c. COPY t FROM STDIN, {bulk}", "MB/s", True, 0),
@@ -296,7 +298,8 @@ def cmd_report(a):
             return None
         return statistics.fmean(xs)
 
-    header = ["figure", "unit"] + [t[1] for t in TARGETS] + ["proxy / direct TLS", "proxy / PgBouncer"]
+    header = (["figure", "unit"] + [t[1] for t in TARGETS]
+              + ["proxy / direct TLS", "proxy / PgBouncer", "proxy / HAProxy"])
     rows = []
     for key, label, unit, hib, d in FIGURES:
         if not any((key, t) in vals for t, _ in TARGETS):
@@ -322,13 +325,15 @@ def cmd_report(a):
         base = key.replace("_nocert", "")
         dt = mean((base, "pg_tls"))
         pb = mean((base, "pgbouncer"))
+        hp = mean((base, "haproxy"))
         cells.append(f"{p / dt:.2f}" if p is not None and dt else "—")
         cells.append(f"{p / pb:.2f}" if p is not None and pb else "—")
+        cells.append(f"{p / hp:.2f}" if p is not None and hp else "—")
         rows.append([label, unit] + cells)
 
     md = []
     md.append(f"Measured {meta.get('date', '?')} by `bash benches/compare.sh{meta.get('mode_flag', '')}` "
-              f"({meta.get('rounds', '?')} rounds, targets alternated A B C D E A B C D E).")
+              f"({meta.get('rounds', '?')} rounds, targets alternated within each round).")
     md.append("")
     md.append(f"- machine: {meta.get('nproc', '?')} cores, {meta.get('cpu', '?')}, "
               f"{meta.get('mem', '?')}, Linux {meta.get('kernel', '?')}; {meta.get('load', '')}")
