@@ -351,16 +351,7 @@ impl<T: Clone> CancelRegistry<T> {
         if !self.allow(source, now) {
             return Lookup::RateLimited;
         }
-        let Some(req) = request(packet) else {
-            return Lookup::Unknown;
-        };
-        if let Some(forged) = self.check(&req) {
-            return forged;
-        }
-        match self.0.scheme.foreign(req.secret) {
-            Some(id) => Lookup::Peer(id),
-            None => self.local(&req),
-        }
+        self.classify(packet, Lookup::Peer)
     }
 
     /// What a CancelRequest another replica sent on stands for: this
@@ -372,6 +363,11 @@ impl<T: Clone> CancelRegistry<T> {
         if !self.allow(source, now) {
             return Lookup::RateLimited;
         }
+        self.classify(packet, |_| Lookup::Unknown)
+    }
+
+    /// Forged, another replica's (`foreign` decides), or looked up here.
+    fn classify(&self, packet: &[u8], foreign: impl FnOnce(u8) -> Lookup<T>) -> Lookup<T> {
         let Some(req) = request(packet) else {
             return Lookup::Unknown;
         };
@@ -379,7 +375,7 @@ impl<T: Clone> CancelRegistry<T> {
             return forged;
         }
         match self.0.scheme.foreign(req.secret) {
-            Some(_) => Lookup::Unknown,
+            Some(id) => foreign(id),
             None => self.local(&req),
         }
     }
