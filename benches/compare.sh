@@ -12,7 +12,9 @@
 # Options: --quick, --rounds R (default 2), --sessions N (idle sessions for the
 # memory figure; default 1000, 200 with --quick), --only LETTERS (figures to
 # run, e.g. --only ad; default abcdef), --keep (keep the temp dir), --no-build
-# (use the existing target/release/pg-tls-proxy as it is).
+# (use the existing target/release/pg-tls-proxy as it is), --baseline BIN (a
+# second pg-tls-proxy binary, e.g. a build of the previous commit, run as one
+# more column in figures a and e: before/after in the same run).
 # Prints one table and writes it as Markdown to benches/results/latest.md
 # (benches/results/quick.md for --quick). See benches/README.md.
 set -euo pipefail
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 helpers="$repo/benches/compare_helpers.py"
 
-mode=full rounds=2 sessions="" keep=0 only=abcdef build=1
+mode=full rounds=2 sessions="" keep=0 only=abcdef build=1 baseline=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) mode=quick ;;
@@ -30,7 +32,8 @@ while [ $# -gt 0 ]; do
     --keep) keep=1 ;;
     --no-build) build=0 ;;
     --only) only=$2; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --baseline) baseline=$(realpath "$2"); shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (try --help)" >&2; exit 64 ;;
   esac
   shift
@@ -139,10 +142,10 @@ trap 'exit 130' INT TERM
 
 # Distinct free loopback ports, all bound at once so that no two are equal.
 read -r PG_PORT PGB_PORT PX_PORT PX_ADMIN VF_PORT VF_ADMIN DENY_PORT DENY_ADMIN \
-  DEAD_PORT DEAD_ADMIN DEAD_BACKEND HAP_PORT < <(python3 -c '
+  DEAD_PORT DEAD_ADMIN DEAD_BACKEND HAP_PORT BASE_PORT BASE_ADMIN < <(python3 -c '
 import socket
 socks = []
-for _ in range(12):
+for _ in range(14):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))')
 
@@ -286,10 +289,11 @@ $6
 CONF
   "$PROXY" check --config "$work/$1.toml" >/dev/null || { "$PROXY" check --config "$work/$1.toml"; exit 1; }
 }
-declare -A proxy_port=([proxy]=$PX_PORT [proxy_vf]=$VF_PORT [proxy_deny]=$DENY_PORT [proxy_dead]=$DEAD_PORT)
-declare -A admin_port=([proxy]=$PX_ADMIN [proxy_vf]=$VF_ADMIN [proxy_deny]=$DENY_ADMIN [proxy_dead]=$DEAD_ADMIN)
+declare -A proxy_port=([proxy]=$PX_PORT [proxy_vf]=$VF_PORT [proxy_deny]=$DENY_PORT [proxy_dead]=$DEAD_PORT [proxy_base]=$BASE_PORT)
+declare -A admin_port=([proxy]=$PX_ADMIN [proxy_vf]=$VF_ADMIN [proxy_deny]=$DENY_ADMIN [proxy_dead]=$DEAD_ADMIN [proxy_base]=$BASE_ADMIN)
+declare -A proxy_bin=()
 start_proxy() { # name
-  "$PROXY" --config "$work/$1.toml" 2>>"$work/$1.log" &
+  "${proxy_bin[$1]:-$PROXY}" --config "$work/$1.toml" 2>>"$work/$1.log" &
   pid[$1]=$!
   local ok=0
   for _ in $(seq 100); do
@@ -314,6 +318,15 @@ roles = ["nobody"]'
 proxy_conf proxy_dead "$DEAD_PORT" "$DEAD_ADMIN" "$DEAD_BACKEND" disable ""
 sed -i 's/^level = "warn"/level = "error"/' "$work/proxy_dead.toml"
 for name in proxy proxy_vf proxy_deny proxy_dead; do start_proxy "$name"; done
+BASE_TARGETS=()
+if [ -n "$baseline" ]; then
+  # Same config as "proxy"; only the binary differs.
+  proxy_conf proxy_base "$BASE_PORT" "$BASE_ADMIN" "$PG_PORT" disable ""
+  proxy_bin[proxy_base]=$baseline
+  start_proxy proxy_base
+  BASE_TARGETS=(proxy_base)
+  echo "baseline $baseline :$BASE_PORT (plaintext backend)"
+fi
 echo "pg-tls-proxy :$PX_PORT (plaintext backend), :$VF_PORT (verify-full backend), :$DENY_PORT (mTLS deny), :$DEAD_PORT (backend closed)"
 
 # ------------------------------------------------------------ targets
@@ -321,7 +334,7 @@ TARGETS=(pg_plain pg_tls pgbouncer proxy proxy_vf)
 tport() { case $1 in pg_plain|pg_tls) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; haproxy) echo "$HAP_PORT" ;; *) echo "${proxy_port[$1]}" ;; esac; }
 tssl() { case $1 in pg_plain|haproxy) echo disable ;; *) echo require ;; esac; }
 # Figure a also runs through HAProxy: the floor for a hop's CPU.
-A_TARGETS=(pg_plain pg_tls haproxy pgbouncer proxy proxy_vf)
+A_TARGETS=(pg_plain pg_tls haproxy pgbouncer proxy proxy_vf "${BASE_TARGETS[@]}")
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # pid -> utime + stime of the whole process (all threads), in ticks
   awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
@@ -486,7 +499,7 @@ fig_e() {
   say "e. memory: VmRSS with $N idle TLS sessions (each server restarted before each round)"
   backend_count() { sock -U postgres -d postgres -At -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"; }
   for r in $(seq "$rounds"); do
-    for t in pgbouncer proxy proxy_vf; do
+    for t in pgbouncer proxy proxy_vf "${BASE_TARGETS[@]}"; do
       if [ "$t" = pgbouncer ]; then stop_pid pgbouncer TERM; start_pgbouncer
       else stop_pid "$t" INT; start_proxy "$t"; fi
       # Let earlier sessions' backends go away, so PostgreSQL has room (bounded).
@@ -543,6 +556,7 @@ meta="$work/meta.tsv"
   printf 'pgb_version\t%s\n' "$(pgbouncer --version | head -n 1)"
   printf 'openssl\t%s\n' "$(openssl version | cut -d' ' -f1-2)"
   printf 'proxy_commit\t%s\n' "$commit"
+  [ -n "$baseline" ] && printf 'baseline\t%s\n' "$baseline, built $(date -u -r "$baseline" '+%Y-%m-%d %H:%M UTC')"
   printf 'bulk\t%s MB\n' "$(awk -v b="$BULK_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }')"
   printf 'sessions\t%s\n' "$N"
   printf 'settings\t%s\n' "durations: a ${T_TPS} s, b ${T_STORM} s, d ${T_LAT} s, f ${T_HS} s per cell; clients: libpq sslmode=require (TLS 1.3, server certificate not verified), gssencmode=disable; PostgreSQL: trust auth on 127.0.0.1, fsync/synchronous_commit/full_page_writes off, autovacuum off, unlogged COPY table, shared_buffers 256MB; HAProxy $(haproxy -v | head -n 1 | awk '{print $3}'): mode tcp, plaintext both sides, figure a only; PgBouncer: session pooling, client TLS, plaintext server link; pg-tls-proxy: log.level warn, plaintext or verify-full backend link"

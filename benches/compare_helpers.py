@@ -241,6 +241,7 @@ TARGETS = [
     ("pgbouncer", "PgBouncer TLS"),
     ("proxy", "pg-tls-proxy"),
     ("proxy_vf", "pg-tls-proxy (verify-full backend)"),
+    ("proxy_base", "pg-tls-proxy baseline (--baseline)"),
 ]
 
 # key, label, unit, higher_is_better, decimals
@@ -298,16 +299,18 @@ def cmd_report(a):
             return None
         return statistics.fmean(xs)
 
-    header = (["figure", "unit"] + [t[1] for t in TARGETS]
+    # Columns with no figure at all (no --baseline) are left out.
+    targets = [t for t in TARGETS if any(k[1] == t[0] for k in vals)]
+    header = (["figure", "unit"] + [t[1] for t in targets]
               + ["proxy / direct TLS", "proxy / PgBouncer", "proxy / HAProxy"])
     rows = []
     for key, label, unit, hib, d in FIGURES:
-        if not any((key, t) in vals for t, _ in TARGETS):
+        if not any((key, t) in vals for t, _ in targets):
             continue
         label = label.format(bulk=meta.get("bulk", "?"), sessions=meta.get("sessions", "?"))
         unit = unit + (" ↑" if hib else " ↓")
         cells = []
-        for t, _ in TARGETS:
+        for t, _ in targets:
             xs = vals.get((key, t))
             if not xs:
                 cells.append("—")
@@ -340,6 +343,8 @@ def cmd_report(a):
     md.append(f"- versions: {meta.get('pg_version', '?')}; {meta.get('pgb_version', '?')}; "
               f"pg-tls-proxy {meta.get('proxy_commit', '?')} (release build); "
               f"{meta.get('openssl', '?')} (PostgreSQL, PgBouncer, clients)")
+    if meta.get("baseline"):
+        md.append(f"- baseline (--baseline): {meta['baseline']}, same config as pg-tls-proxy")
     md.append(f"- {meta.get('settings', '')}")
     md.append("")
     md.append("| " + " | ".join(header) + " |")

@@ -41,6 +41,7 @@ use crate::runtime::Runtime;
 pub use crate::sys::fdlimit::RESERVED as RESERVED_DESCRIPTORS;
 use crate::sys::fdlimit::{self, FdBudget, FdLimit};
 use crate::sys::listener::{bind, effective_backlog};
+use crate::sys::workers::{self, Workers};
 use readiness::{ProxyReadiness, ReadyState};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,9 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Bind(#[from] crate::sys::listener::BindError),
+    /// The session threads could not be started.
+    #[error("listen.workers: cannot start the session threads: {0}")]
+    Workers(std::io::Error),
     /// `[fleet]`: the replica id cannot be had or is taken, or a key is unfit.
     #[error("{key}: {reason}")]
     Fleet { key: &'static str, reason: String },
@@ -126,6 +130,9 @@ pub struct Handle {
     force_close: CancellationToken,
     tracker: TaskTracker,
     accept_task: JoinHandle<()>,
+    /// Held until the sessions have drained: dropping the last clone stops
+    /// the session threads.
+    workers: Workers,
     grace_period: Duration,
     shared: Arc<Context>,
     readiness: Arc<ReadyState>,
@@ -223,13 +230,18 @@ pub async fn serve(
     let stop_accepting = CancellationToken::new();
     let force_close = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let workers = workers::start(config.listen.workers).map_err(StartError::Workers)?;
+    info!(workers = workers.count(), "session threads");
     let accept_task = tokio::spawn(accept_loop(
         listener,
         shared.clone(),
         slots,
+        Sessions {
+            workers: workers.clone(),
+            tracker: tracker.clone(),
+            force: force_close.clone(),
+        },
         stop_accepting.clone(),
-        force_close.clone(),
-        tracker.clone(),
     ));
     tokio::spawn(crate::sys::memtrim::run(
         shared.metrics.connections_active.clone(),
@@ -254,6 +266,7 @@ pub async fn serve(
         force_close,
         tracker,
         accept_task,
+        workers,
         grace_period: config.shutdown.grace_period,
         shared,
         readiness,
@@ -263,13 +276,20 @@ pub async fn serve(
     })
 }
 
+/// Where accepted sessions go: a worker thread, tracked for the drain,
+/// closed at once by `force`.
+struct Sessions {
+    workers: Workers,
+    tracker: TaskTracker,
+    force: CancellationToken,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Context>,
     slots: Arc<Semaphore>,
+    sessions: Sessions,
     stop: CancellationToken,
-    force: CancellationToken,
-    tracker: TaskTracker,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -305,14 +325,36 @@ async fn accept_loop(
         // Over the limit the client still negotiates, so it can be told
         // "too many connections" in a proper ErrorResponse.
         let permit = slots.clone().try_acquire_owned().ok();
+        // The socket leaves this thread's reactor and joins the worker's.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!("accepted socket unusable: {e}");
+                continue;
+            }
+        };
         let shared = shared.clone();
-        let force = force.clone();
-        tracker.spawn(async move {
+        let force = sessions.force.clone();
+        // Counted from here, not from when the worker gets to it, so a
+        // drain never misses a session still in a worker's queue.
+        let tracked = sessions.tracker.token();
+        let spawned = sessions.workers.spawn(move || async move {
+            let _tracked = tracked;
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    warn!("accepted socket unusable: {e}");
+                    return;
+                }
+            };
             tokio::select! {
                 _ = conn::run(tcp, peer, shared, permit, fd) => {}
                 _ = force.cancelled() => {}
             }
         });
+        if !spawned {
+            warn!("no session thread left: closing the connection");
+        }
     }
 }
 
@@ -396,6 +438,8 @@ impl Handle {
         );
         self.admin_stop.cancel();
         self.fleet_stop.cancel();
+        // No session left: the session threads may go.
+        drop(self.workers);
         report
     }
 

@@ -208,6 +208,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.listen.address != new.listen.address {
         keys.push("listen.address");
     }
+    if old.listen.workers != new.listen.workers {
+        keys.push("listen.workers");
+    }
     if old.admin.address != new.admin.address || old.admin.enabled != new.admin.enabled {
         keys.push("admin.address");
     }

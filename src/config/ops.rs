@@ -21,6 +21,9 @@ pub struct Listen {
     /// Networks a PROXY header is accepted from (the load balancers), as
     /// CIDR; connections from anywhere else are closed.
     pub proxy_trusted: Vec<ipnet::IpNet>,
+    /// Threads that run sessions, each with its own event loop; a session
+    /// stays on the thread that accepted it. 0: one per CPU.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +41,7 @@ impl Default for Listen {
             backlog: 1024,
             proxy_protocol: ProxyProtocol::Off,
             proxy_trusted: Vec::new(),
+            workers: 0,
         }
     }
 }

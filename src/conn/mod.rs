@@ -84,7 +84,7 @@ pub async fn run(
     // header; it is what logs, metrics and the cancel limiter use.
     let (peer, via) = match &rt.proxy_trusted {
         None => (socket_peer, None),
-        Some(trusted) => match proxy_protocol::read(&mut tcp, socket_peer, trusted, deadline).await {
+        Some(trusted) => match Box::pin(proxy_protocol::read(&mut tcp, socket_peer, trusted, deadline)).await {
             Ok(accepted) => {
                 let (peer, label) = match accepted {
                     proxy_protocol::Accepted::Proxied(client) => (client, "ok"),
@@ -125,8 +125,14 @@ pub async fn run(
             route: &rt.default,
             served: &rt.default,
         };
-        match drive(tcp, &conn, deadline, permit.is_some(), &mut record).await {
-            Ok(reason) => record.close_reason = reason,
+        // Everything before the relay runs boxed and is freed when the
+        // relay starts: an idle session's task then holds only the relay's
+        // state (benches/idle_sessions.rs measures what that saves).
+        match Box::pin(drive(tcp, &conn, deadline, permit.is_some(), &mut record)).await {
+            Ok(Next::Relay(established)) => {
+                record.close_reason = relay_session(established, &conn, &mut record).await;
+            }
+            Ok(Next::Closed(reason)) => record.close_reason = reason,
             Err(failed) => {
                 ending::report(&failed.error);
                 record.error = Some(failed.error.kind());
@@ -135,7 +141,7 @@ pub async fn run(
                     _ => CloseReason::Error,
                 };
                 if let Some(mut stream) = failed.stream {
-                    ending::end_with(&mut stream, &failed.error).await;
+                    Box::pin(ending::end_with(&mut stream, &failed.error)).await;
                 }
             }
         }
@@ -146,14 +152,23 @@ pub async fn run(
     drop(client_fd);
 }
 
-/// Negotiation, then a cancel or a session.
+/// What follows negotiation and login.
+// Returned once per connection and moved straight into the relay: boxing
+// it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Relay(Established),
+    Closed(CloseReason),
+}
+
+/// Negotiation, then a cancel or a session's login.
 async fn drive(
     tcp: TcpStream,
     conn: &Conn<'_>,
     deadline: Instant,
     admitted: bool,
     record: &mut SessionRecord,
-) -> Result<CloseReason, Failed> {
+) -> Result<Next, Failed> {
     let (ctx, rt) = (conn.ctx, conn.rt);
     let nctx = Ctx {
         tls: rt
@@ -175,11 +190,11 @@ async fn drive(
         } => {
             record.tls = tls;
             record.kind = Kind::Cancel;
-            record.cancel = Some(cancel::forward(conn, &packet, path).await);
+            record.cancel = Some(Box::pin(cancel::forward(conn, &packet, path)).await);
             // Never a reply; but close as PostgreSQL does, with a TLS
             // close_notify, so libpq 17's encrypted cancel sees a clean end.
             let _ = stream.shutdown().await;
-            Ok(CloseReason::ClientEof)
+            Ok(Next::Closed(CloseReason::ClientEof))
         }
         Negotiated::Startup {
             stream,
@@ -202,19 +217,58 @@ async fn drive(
                     stream: Some(stream),
                 });
             }
-            session(stream, startup, conn, deadline, record).await
+            Ok(match establish(stream, startup, conn, deadline, record).await? {
+                Ok(established) => Next::Relay(established),
+                Err(reason) => Next::Closed(reason),
+            })
         }
     }
 }
 
-/// Access decision, backend login, relay.
-async fn session(
+/// A logged-in session, ready to relay: only what the relay needs.
+struct Established {
+    client: ClientStream,
+    backend: login::LinkedBackend,
+    surplus: login::Surplus,
+    /// The cancel key stays valid exactly as long as this is held.
+    registration: Option<crate::policy::cancel::Registration<CancelTarget>>,
+}
+
+/// The relay, until either side ends it; then how it ended is settled.
+async fn relay_session(
+    established: Established,
+    conn: &Conn<'_>,
+    record: &mut SessionRecord,
+) -> CloseReason {
+    let Established {
+        mut client,
+        mut backend,
+        surplus,
+        registration,
+    } = established;
+    record.relay_started = Some(std::time::Instant::now());
+    let options = relay::Options {
+        terminate: Some(&conn.ctx.terminate),
+        idle_timeout: conn.rt.idle_timeout,
+        to_client: surplus.to_client,
+        to_backend: surplus.to_backend,
+        progress: Some(conn.ctx.metrics.relay_progress.clone()),
+    };
+    let result = relay::relay(&mut client, &mut *backend, options).await;
+    let reason = Box::pin(ending::relay_ended(&mut client, result, conn.rt, record)).await;
+    drop(registration);
+    reason
+}
+
+/// Access decision and backend login, until ReadyForQuery reached the
+/// client; `Err` is a login that ended without a session.
+async fn establish(
     mut client: ClientStream,
     mut startup: StartupPacket,
     conn: &Conn<'_>,
     deadline: Instant,
     record: &mut SessionRecord,
-) -> Result<CloseReason, Failed> {
+) -> Result<Result<Established, CloseReason>, Failed> {
     let rt = conn.rt;
     let fail = |error, stream| {
         Err(Failed {
@@ -280,7 +334,7 @@ async fn session(
     let (proved, deadline) = match &rt.scram {
         Some(setup) if password_client => {
             let leg = scram::client_leg(conn, setup, &mut client, &user);
-            match tokio::time::timeout(rt.auth_timeout, leg).await {
+            match tokio::time::timeout(rt.auth_timeout, Box::pin(leg)).await {
                 Ok(Ok(p)) => (Some(p), Instant::now() + rt.handshake_timeout),
                 Ok(Err(e)) => return fail(e, client),
                 Err(_) => return fail(SessionError::Timeout(error::Phase::Authentication), client),
@@ -289,11 +343,11 @@ async fn session(
         _ => (None, deadline),
     };
     let client_method = proved.as_ref().map(|p| p.method());
-    let link = match login::reach_backend(conn, deadline, backend_auth, &startup).await {
+    let link = match Box::pin(login::reach_backend(conn, deadline, backend_auth, &startup)).await {
         Ok(link) => link,
         Err(e) => return fail(e, client),
     };
-    if let Err(error) = login::negotiate_version(&mut client, &startup).await {
+    if let Err(error) = Box::pin(login::negotiate_version(&mut client, &startup)).await {
         return Err(Failed {
             error,
             stream: None,
@@ -315,8 +369,8 @@ async fn session(
         registration = Some(guard);
         key
     };
-    let (mut backend, surplus) =
-        match login::log_in(conn, &mut client, link, &user, proved, &mut issue_key).await {
+    let (backend, surplus) =
+        match Box::pin(login::log_in(conn, &mut client, link, &user, proved, &mut issue_key)).await {
             Login::Ready {
                 backend,
                 surplus,
@@ -325,7 +379,7 @@ async fn session(
                 record.backend_login = method;
                 (backend, surplus)
             }
-            Login::Ended(reason) => return Ok(reason),
+            Login::Ended(reason) => return Ok(Err(reason)),
             Login::Failed(error) => return fail(error, client),
         };
     record.role = Some(user);
@@ -336,16 +390,10 @@ async fn session(
         sslmode = conn.route.connector.sslmode().as_str(),
         "session established"
     );
-    record.relay_started = Some(std::time::Instant::now());
-    let options = relay::Options {
-        terminate: Some(&conn.ctx.terminate),
-        idle_timeout: rt.idle_timeout,
-        to_client: surplus.to_client,
-        to_backend: surplus.to_backend,
-        progress: Some(conn.ctx.metrics.relay_progress.clone()),
-    };
-    let result = relay::relay(&mut client, &mut *backend, options).await;
-    let reason = ending::relay_ended(&mut client, result, conn.rt, record).await;
-    drop(registration);
-    Ok(reason)
+    Ok(Ok(Established {
+        client,
+        backend,
+        surplus,
+        registration,
+    }))
 }

@@ -1,8 +1,9 @@
 //! The process and its operating system: the descriptor limit and budget
-//! ([`fdlimit`]), handing freed heap back ([`memtrim`]) and binding
-//! listening sockets with an explicit backlog ([`listener`]). Nothing here
-//! knows PostgreSQL.
+//! ([`fdlimit`]), handing freed heap back ([`memtrim`]), binding listening
+//! sockets with an explicit backlog ([`listener`]) and the threads sessions
+//! run on ([`workers`]). Nothing here knows PostgreSQL.
 
 pub mod fdlimit;
 pub mod listener;
 pub mod memtrim;
+pub mod workers;

@@ -87,6 +87,20 @@ impl TestProxy {
             })
             .unwrap_or(0.0)
     }
+
+    /// [`metric`](Self::metric) once it reads `want`, or its value after
+    /// 5 s: a session records how it ended on its own thread, a moment
+    /// after its client saw the end.
+    pub async fn metric_when(&self, series: &str, want: f64) -> f64 {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let value = self.metric(series);
+            if value == want || tokio::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for TestProxy {

@@ -52,7 +52,9 @@ async fn limits() {
     assert_eq!(tag, b'E');
     assert_eq!(error_fields(&body)[&'C'], "53300");
     assert_eq!(
-        proxy.metric(r#"pgtls_connections_closed_total{reason="limit"}"#),
+        proxy
+            .metric_when(r#"pgtls_connections_closed_total{reason="limit"}"#, 2.0)
+            .await,
         2.0
     );
     drop(first);
@@ -107,7 +109,9 @@ async fn limits() {
         ("FATAL", "57P05")
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_connections_closed_total{reason="limit"}"#),
+        proxy
+            .metric_when(r#"pgtls_connections_closed_total{reason="limit"}"#, 1.0)
+            .await,
         1.0
     );
 }
