@@ -219,6 +219,115 @@ fn bench_tls(c: &mut Criterion) {
     g.finish();
 }
 
+/// The server's share of one full TLS 1.3 handshake (X25519, the
+/// proxy's rustls config), by server key type: only the time spent in the
+/// server's calls is counted, so the client's signature check does not
+/// blur it. 1 / this is the full handshakes per second one core can do.
+/// Certificates come from `openssl req` (ring cannot generate RSA keys);
+/// skipped when openssl is missing.
+fn bench_tls_server_key(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kinds: [(&str, &[&str]); 2] = [
+        (
+            "ecdsa_p256",
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        ),
+        ("rsa_2048", &["-newkey", "rsa:2048"]),
+    ];
+    let mut g = c.benchmark_group("tls_full_handshake_server_cpu");
+    for (label, key_args) in kinds {
+        let (cert, key) = (
+            dir.path().join(format!("{label}.crt")),
+            dir.path().join(format!("{label}.key")),
+        );
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(key_args)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("tls_full_handshake_server_cpu/{label}: skipped (openssl req failed)");
+            continue;
+        }
+        let tls = Tls {
+            server: Some(CertKey {
+                cert: cert.clone(),
+                key,
+            }),
+            min_version: TlsVersion::V1_2,
+            ..Tls::default()
+        };
+        let server = pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
+            .expect("server config")
+            .expect("tls on")
+            .config;
+        let mut roots = RootCertStore::empty();
+        for c in pg_tls_proxy::tls::pem::certs("cert", &cert).expect("cert") {
+            roots.add(c).expect("root");
+        }
+        let mut client = ClientConfig::builder_with_provider(pg_tls_proxy::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.resumption = rustls::client::Resumption::disabled();
+        let client = Arc::new(client);
+        g.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                let mut server_time = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    let mut cc = ClientConnection::new(
+                        client.clone(),
+                        "localhost".try_into().expect("name"),
+                    )
+                    .expect("client");
+                    let t = std::time::Instant::now();
+                    let mut sc = ServerConnection::new(server.clone()).expect("server");
+                    server_time += t.elapsed();
+                    let mut buf = Vec::new();
+                    while cc.is_handshaking() || sc.is_handshaking() {
+                        buf.clear();
+                        while cc.wants_write() {
+                            cc.write_tls(&mut buf).expect("client write");
+                        }
+                        let t = std::time::Instant::now();
+                        let mut rd = &buf[..];
+                        while !rd.is_empty() {
+                            sc.read_tls(&mut rd).expect("server read");
+                        }
+                        sc.process_new_packets().expect("server");
+                        buf.clear();
+                        while sc.wants_write() {
+                            sc.write_tls(&mut buf).expect("server write");
+                        }
+                        server_time += t.elapsed();
+                        let mut rd = &buf[..];
+                        while !rd.is_empty() {
+                            cc.read_tls(&mut rd).expect("client read");
+                        }
+                        cc.process_new_packets().expect("client");
+                    }
+                }
+                server_time
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_relay(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -337,6 +446,7 @@ criterion_group!(
     bench_parsing,
     bench_rules,
     bench_tls,
+    bench_tls_server_key,
     bench_relay,
     bench_scram,
     bench_routes

@@ -41,6 +41,7 @@ use crate::runtime::Runtime;
 pub use crate::sys::fdlimit::RESERVED as RESERVED_DESCRIPTORS;
 use crate::sys::fdlimit::{self, FdBudget, FdLimit};
 use crate::sys::listener::{bind, effective_backlog};
+use crate::sys::stop::Stop;
 use crate::sys::workers::{self, Workers};
 use readiness::{ProxyReadiness, ReadyState};
 
@@ -106,7 +107,7 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
         cancels: CancelRegistry::with_scheme(scheme),
         fleet,
         handshake_slots: Semaphore::new(config.limits.max_handshakes_in_flight),
-        terminate: CancellationToken::new(),
+        terminate: crate::sys::stop::Stop::new(),
         fds: FdBudget::new(fd_limit.budget()),
         fd_warning: fdlimit::Throttle::default(),
         connections_peak: Default::default(),
@@ -127,7 +128,7 @@ pub struct Handle {
     /// session of this replica is left to cancel.
     fleet_stop: CancellationToken,
     stop_accepting: CancellationToken,
-    force_close: CancellationToken,
+    force_close: Arc<Stop>,
     tracker: TaskTracker,
     accept_task: JoinHandle<()>,
     /// Held until the sessions have drained: dropping the last clone stops
@@ -228,7 +229,7 @@ pub async fn serve(
     };
     let slots = Arc::new(Semaphore::new(limit));
     let stop_accepting = CancellationToken::new();
-    let force_close = CancellationToken::new();
+    let force_close = Arc::new(Stop::new());
     let tracker = TaskTracker::new();
     let workers = workers::start(config.listen.workers).map_err(StartError::Workers)?;
     info!(workers = workers.count(), "session threads");
@@ -281,7 +282,7 @@ pub async fn serve(
 struct Sessions {
     workers: Workers,
     tracker: TaskTracker,
-    force: CancellationToken,
+    force: Arc<Stop>,
 }
 
 async fn accept_loop(
@@ -349,7 +350,7 @@ async fn accept_loop(
             };
             tokio::select! {
                 _ = conn::run(tcp, peer, shared, permit, fd) => {}
-                _ = force.cancelled() => {}
+                _ = force.wait() => {}
             }
         });
         if !spawned {
@@ -418,7 +419,7 @@ impl Handle {
                 cancelled_queries = report.cancelled_queries,
                 "grace period over: cancelled running queries, terminating sessions with 57P01"
             );
-            self.shared.terminate.cancel();
+            self.shared.terminate.fire();
             if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
                 .await
                 .is_err()
@@ -427,7 +428,7 @@ impl Handle {
                     sessions = self.tracker.len(),
                     "sessions did not stop in 5 s: closing them"
                 );
-                self.force_close.cancel();
+                self.force_close.fire();
                 self.tracker.wait().await;
             }
         }
@@ -451,7 +452,7 @@ impl Handle {
         self.admin_stop.cancel();
         self.fleet_stop.cancel();
         self.stop_accepting.cancel();
-        self.force_close.cancel();
+        self.force_close.fire();
         let _ = self.accept_task.await;
         self.tracker.close();
         self.tracker.wait().await;

@@ -5,7 +5,6 @@
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::backend::cancel::CancelTarget;
@@ -27,7 +26,7 @@ pub struct Context {
     pub handshake_slots: Semaphore,
     /// Fires when the grace period is over: sessions stop at a message
     /// boundary and tell their client FATAL 57P01.
-    pub terminate: CancellationToken,
+    pub terminate: crate::sys::stop::Stop,
     /// File descriptors client traffic may use (see [`crate::sys::fdlimit`]).
     pub fds: FdBudget,
     /// Throttles the "out of file descriptors" log line.

@@ -25,7 +25,6 @@ use std::task::{ready, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 
 pub use crate::metrics::RelayProgress;
 use direction::{Direction, Flow};
@@ -87,7 +86,7 @@ pub struct RelayStats {
 /// Bytes already read, and how a relay may be ended from outside.
 #[derive(Default)]
 pub struct Options<'a> {
-    pub terminate: Option<&'a CancellationToken>,
+    pub terminate: Option<&'a crate::sys::stop::Stop>,
     pub idle_timeout: Option<Duration>,
     /// Read from the backend past ReadyForQuery, not yet sent to the client.
     /// Owned, so the authentication phase's buffers can be freed.
@@ -126,8 +125,7 @@ where
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
     let mut stopping: Option<Ending> = None;
-    let never = CancellationToken::new();
-    let terminate = terminate.unwrap_or(&never).cancelled();
+    let terminate = terminate.map(|t| t.wait());
     tokio::pin!(terminate);
     let mut idle = Idleness::new(idle_timeout);
     let stats = |up: &Direction, down: &Direction, first_eof, ending| RelayStats {
@@ -148,7 +146,11 @@ where
             }
         }
         if stopping.is_none() {
-            if terminate.as_mut().poll(cx).is_ready() {
+            if terminate
+                .as_mut()
+                .as_pin_mut()
+                .is_some_and(|t| t.poll(cx).is_ready())
+            {
                 stopping = Some(Ending::Terminated);
             } else if idle.poll_expired(cx, &up, &down) {
                 stopping = Some(Ending::Idle);
@@ -291,7 +293,7 @@ mod tests {
     async fn terminate_stops_at_a_message_boundary() {
         let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
         let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
-        let stop = CancellationToken::new();
+        let stop = std::sync::Arc::new(crate::sys::stop::Stop::new());
         let stop2 = stop.clone();
         let task = tokio::spawn(async move {
             relay(
@@ -312,7 +314,7 @@ mod tests {
             .read_exact(&mut first)
             .await
             .expect("first half relayed");
-        stop.cancel();
+        stop.fire();
         backend_end
             .write_all(&row[40..])
             .await
