@@ -142,10 +142,10 @@ trap 'exit 130' INT TERM
 
 # Distinct free loopback ports, all bound at once so that no two are equal.
 read -r PG_PORT PGB_PORT PX_PORT PX_ADMIN VF_PORT VF_ADMIN DENY_PORT DENY_ADMIN \
-  DEAD_PORT DEAD_ADMIN DEAD_BACKEND HAP_PORT BASE_PORT BASE_ADMIN < <(python3 -c '
+  DEAD_PORT DEAD_ADMIN DEAD_BACKEND HAP_PORT BASE_PORT BASE_ADMIN W1_PORT W1_ADMIN < <(python3 -c '
 import socket
 socks = []
-for _ in range(14):
+for _ in range(16):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))')
 
@@ -289,11 +289,14 @@ $6
 CONF
   "$PROXY" check --config "$work/$1.toml" >/dev/null || { "$PROXY" check --config "$work/$1.toml"; exit 1; }
 }
-declare -A proxy_port=([proxy]=$PX_PORT [proxy_vf]=$VF_PORT [proxy_deny]=$DENY_PORT [proxy_dead]=$DEAD_PORT [proxy_base]=$BASE_PORT)
-declare -A admin_port=([proxy]=$PX_ADMIN [proxy_vf]=$VF_ADMIN [proxy_deny]=$DENY_ADMIN [proxy_dead]=$DEAD_ADMIN [proxy_base]=$BASE_ADMIN)
+declare -A proxy_port=([proxy]=$PX_PORT [proxy_vf]=$VF_PORT [proxy_deny]=$DENY_PORT [proxy_dead]=$DEAD_PORT [proxy_base]=$BASE_PORT [proxy_w1]=$W1_PORT)
+declare -A admin_port=([proxy]=$PX_ADMIN [proxy_vf]=$VF_ADMIN [proxy_deny]=$DENY_ADMIN [proxy_dead]=$DEAD_ADMIN [proxy_base]=$BASE_ADMIN [proxy_w1]=$W1_ADMIN)
 declare -A proxy_bin=()
+declare -A proxy_workers=([proxy_w1]=1)
 start_proxy() { # name
-  "${proxy_bin[$1]:-$PROXY}" --config "$work/$1.toml" 2>>"$work/$1.log" &
+  local envs=()
+  [ -n "${proxy_workers[$1]:-}" ] && envs=("PGTLS_LISTEN__WORKERS=${proxy_workers[$1]}")
+  env "${envs[@]}" "${proxy_bin[$1]:-$PROXY}" --config "$work/$1.toml" 2>>"$work/$1.log" &
   pid[$1]=$!
   local ok=0
   for _ in $(seq 100); do
@@ -317,7 +320,9 @@ roles = ["nobody"]'
 # every login ends in FATAL 08006 right after the TLS handshake and startup.
 proxy_conf proxy_dead "$DEAD_PORT" "$DEAD_ADMIN" "$DEAD_BACKEND" disable ""
 sed -i 's/^level = "warn"/level = "error"/' "$work/proxy_dead.toml"
-for name in proxy proxy_vf proxy_deny proxy_dead; do start_proxy "$name"; done
+# The same as "proxy" with one session thread (listen.workers = 1), figure a.
+proxy_conf proxy_w1 "$W1_PORT" "$W1_ADMIN" "$PG_PORT" disable ""
+for name in proxy proxy_vf proxy_deny proxy_dead proxy_w1; do start_proxy "$name"; done
 BASE_TARGETS=()
 if [ -n "$baseline" ]; then
   # Same config as "proxy"; only the binary differs.
@@ -334,7 +339,7 @@ TARGETS=(pg_plain pg_tls pgbouncer proxy proxy_vf)
 tport() { case $1 in pg_plain|pg_tls) echo "$PG_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; haproxy) echo "$HAP_PORT" ;; *) echo "${proxy_port[$1]}" ;; esac; }
 tssl() { case $1 in pg_plain|haproxy) echo disable ;; *) echo require ;; esac; }
 # Figure a also runs through HAProxy: the floor for a hop's CPU.
-A_TARGETS=(pg_plain pg_tls haproxy pgbouncer proxy proxy_vf "${BASE_TARGETS[@]}")
+A_TARGETS=(pg_plain pg_tls haproxy pgbouncer proxy proxy_w1 proxy_vf "${BASE_TARGETS[@]}")
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # pid -> utime + stime of the whole process (all threads), in ticks
   awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
@@ -559,7 +564,7 @@ meta="$work/meta.tsv"
   [ -n "$baseline" ] && printf 'baseline\t%s\n' "$baseline, built $(date -u -r "$baseline" '+%Y-%m-%d %H:%M UTC')"
   printf 'bulk\t%s MB\n' "$(awk -v b="$BULK_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }')"
   printf 'sessions\t%s\n' "$N"
-  printf 'settings\t%s\n' "durations: a ${T_TPS} s, b ${T_STORM} s, d ${T_LAT} s, f ${T_HS} s per cell; clients: libpq sslmode=require (TLS 1.3, server certificate not verified), gssencmode=disable; PostgreSQL: trust auth on 127.0.0.1, fsync/synchronous_commit/full_page_writes off, autovacuum off, unlogged COPY table, shared_buffers 256MB; HAProxy $(haproxy -v | head -n 1 | awk '{print $3}'): mode tcp, plaintext both sides, figure a only; PgBouncer: session pooling, client TLS, plaintext server link; pg-tls-proxy: log.level warn, plaintext or verify-full backend link"
+  printf 'settings\t%s\n' "durations: a ${T_TPS} s, b ${T_STORM} s, d ${T_LAT} s, f ${T_HS} s per cell; clients: libpq sslmode=require (TLS 1.3, server certificate not verified), gssencmode=disable; PostgreSQL: trust auth on 127.0.0.1, fsync/synchronous_commit/full_page_writes off, autovacuum off, unlogged COPY table, shared_buffers 256MB; HAProxy $(haproxy -v | head -n 1 | awk '{print $3}'): mode tcp, plaintext both sides, figure a only; PgBouncer: session pooling, client TLS, plaintext server link; pg-tls-proxy: log.level warn, listen.workers = 0 (one session thread per CPU: $(nproc) here) unless the column says 1, plaintext or verify-full backend link"
   printf 'notes\t%s\n' "All clients and servers share the same $(nproc) cores, so client CPU (pgbench, psql, Python) competes with the server measured.|a: CPU per transaction is utime+stime of the front-end process (HAProxy, PgBouncer, pg-tls-proxy: each one process) over the run divided by the transactions pgbench counted, from /proc/PID/stat (resolution 1/CLK_TCK s); HAProxy is plaintext on both sides, the cheapest possible hop.|b: PgBouncer keeps server connections in its pool, so its storm figure skips the PostgreSQL backend start that direct and proxied sessions pay; pg-tls-proxy opens one backend connection per client session.|c: MB = 10^6 bytes; the time includes psql start-up and, for COPY FROM, PostgreSQL's heap inserts.|d: plaintext direct PostgreSQL is the floor; pgbench simple protocol, one connection.|e: VmRSS of the one process (PgBouncer, or the proxy) with N sessions open minus before, divided by N; PgBouncer's figure includes its N server connections, the verify-full proxy's its N backend TLS links; direct PostgreSQL has one process per session, not comparable.|f: Python ssl clients (8 processes) do SSLRequest, TLS 1.3, StartupMessage and read the refusal: PostgreSQL (hba reject of user nobody, one forked process per connection), PgBouncer (unknown user), pg-tls-proxy with a required client certificate that no rule allows (FATAL 28000; the client signs and the proxy verifies a certificate, which PostgreSQL and PgBouncer do not); the no-client-cert row uses a proxy whose backend port is closed (FATAL 08006). The Python clients use much of the CPU, so these rates are lower bounds. PostgreSQL 15 turns off TLS session tickets and its session cache, so its resumption row is full handshakes.$( [ -s "$work/warnings" ] && printf '|Warnings during this run: %s' "$(paste -sd';' "$work/warnings")" )"
 } > "$meta"
 mkdir -p "$repo/benches/results"

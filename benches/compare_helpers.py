@@ -240,6 +240,7 @@ TARGETS = [
     ("haproxy", "HAProxy plaintext"),
     ("pgbouncer", "PgBouncer TLS"),
     ("proxy", "pg-tls-proxy"),
+    ("proxy_w1", "pg-tls-proxy, listen.workers = 1"),
     ("proxy_vf", "pg-tls-proxy (verify-full backend)"),
     ("proxy_base", "pg-tls-proxy baseline (--baseline)"),
 ]

@@ -163,37 +163,43 @@ fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
     client.process_new_packets().expect("client");
 }
 
+/// The proxy's own server config for `cert` and `key`.
+fn server_config(cert: std::path::PathBuf, key: std::path::PathBuf) -> Arc<rustls::ServerConfig> {
+    let tls = Tls {
+        server: Some(CertKey { cert, key }),
+        min_version: TlsVersion::V1_2,
+        ..Tls::default()
+    };
+    pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
+        .expect("server config")
+        .expect("tls on")
+        .config
+}
+
+/// A client trusting `root`, with or without session resumption.
+fn client_config(root: &std::path::Path, resume: bool) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in pg_tls_proxy::tls::pem::certs("root", root).expect("root") {
+        roots.add(cert).expect("root");
+    }
+    let mut cfg = ClientConfig::builder_with_provider(pg_tls_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(cfg)
+}
+
 fn bench_tls(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     pg_tls_proxy::cli::devcerts::write(dir.path(), &["localhost".into()], &[], &[])
         .expect("dev certs");
-    let tls = Tls {
-        server: Some(CertKey {
-            cert: dir.path().join("server.crt"),
-            key: dir.path().join("server.key"),
-        }),
-        min_version: TlsVersion::V1_2,
-        ..Tls::default()
-    };
-    let server = pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
-        .expect("server config")
-        .expect("tls on")
-        .config;
-    let mut roots = RootCertStore::empty();
-    for cert in pg_tls_proxy::tls::pem::certs("ca", &dir.path().join("ca.crt")).expect("ca") {
-        roots.add(cert).expect("root");
-    }
-    let client = |resume: bool| {
-        let mut cfg = ClientConfig::builder_with_provider(pg_tls_proxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        if !resume {
-            cfg.resumption = rustls::client::Resumption::disabled();
-        }
-        Arc::new(cfg)
-    };
+    let server = server_config(dir.path().join("server.crt"), dir.path().join("server.key"));
+    let ca = dir.path().join("ca.crt");
+    let client = |resume: bool| client_config(&ca, resume);
     let name = || "localhost".try_into().expect("name");
     let mut g = c.benchmark_group("tls_handshake_in_memory");
     let full = client(false);
@@ -251,6 +257,7 @@ fn bench_tls_server_key(c: &mut Criterion) {
                 "/CN=localhost",
             ])
             .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
             .args(key_args)
             .arg("-keyout")
             .arg(&key)
@@ -262,29 +269,8 @@ fn bench_tls_server_key(c: &mut Criterion) {
             eprintln!("tls_full_handshake_server_cpu/{label}: skipped (openssl req failed)");
             continue;
         }
-        let tls = Tls {
-            server: Some(CertKey {
-                cert: cert.clone(),
-                key,
-            }),
-            min_version: TlsVersion::V1_2,
-            ..Tls::default()
-        };
-        let server = pg_tls_proxy::tls::server::build(&tls, &ClientAuth::default())
-            .expect("server config")
-            .expect("tls on")
-            .config;
-        let mut roots = RootCertStore::empty();
-        for c in pg_tls_proxy::tls::pem::certs("cert", &cert).expect("cert") {
-            roots.add(c).expect("root");
-        }
-        let mut client = ClientConfig::builder_with_provider(pg_tls_proxy::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.resumption = rustls::client::Resumption::disabled();
-        let client = Arc::new(client);
+        let server = server_config(cert.clone(), key);
+        let client = client_config(&cert, false);
         g.bench_function(label, |b| {
             b.iter_custom(|iters| {
                 let mut server_time = std::time::Duration::ZERO;
