@@ -431,7 +431,7 @@ fig_b() {
   say "b. connection storm: pgbench -C -S -c 8 -j 2 -T $T_STORM"
   for r in $(seq "$rounds"); do
     for t in "${TARGETS[@]}"; do
-      if v=$(m_pgbench "$t" "$T_STORM" -S -C); then record storm "$t" "$r" "$v"; else record storm "$t" "$r" FAIL; warn "b. $t round $r failed"; fi
+      if v=$(m_pgbench "$t" "$T_STORM" -S -C); then record storm "$t" "$r" "${v%% *}"; else record storm "$t" "$r" FAIL; warn "b. $t round $r failed"; fi
     done
   done
   return 0

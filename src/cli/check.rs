@@ -70,6 +70,15 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         c.listen.backlog,
         crate::sys::listener::effective_backlog(c.listen.backlog)
     );
+    out!(
+        "listen.workers      {} session thread(s){}",
+        crate::sys::workers::resolve(c.listen.workers),
+        if c.listen.workers == 0 {
+            " (0: one per CPU this process may use)"
+        } else {
+            ""
+        }
+    );
     let fds = &prepared.fd_limit;
     out!(
         "file descriptors    RLIMIT_NOFILE {} (hard {}{}); room for {} sessions (2 descriptors each, {} reserved)",

@@ -152,12 +152,10 @@ pub async fn run(
     drop(client_fd);
 }
 
-/// What follows negotiation and login.
-// Returned once per connection and moved straight into the relay: boxing
-// it would only add an allocation.
-#[allow(clippy::large_enum_variant)]
+/// What follows negotiation and login. Boxed: the session's task then
+/// holds a pointer, not a copy in each frame it passes through.
 enum Next {
-    Relay(Established),
+    Relay(Box<Established>),
     Closed(CloseReason),
 }
 
@@ -218,7 +216,7 @@ async fn drive(
                 });
             }
             Ok(match establish(stream, startup, conn, deadline, record).await? {
-                Ok(established) => Next::Relay(established),
+                Ok(established) => Next::Relay(Box::new(established)),
                 Err(reason) => Next::Closed(reason),
             })
         }
@@ -231,33 +229,32 @@ struct Established {
     backend: login::LinkedBackend,
     surplus: login::Surplus,
     /// The cancel key stays valid exactly as long as this is held.
-    registration: Option<crate::policy::cancel::Registration<CancelTarget>>,
+    _registration: Option<crate::policy::cancel::Registration<CancelTarget>>,
 }
 
 /// The relay, until either side ends it; then how it ended is settled.
 async fn relay_session(
-    established: Established,
+    mut established: Box<Established>,
     conn: &Conn<'_>,
     record: &mut SessionRecord,
 ) -> CloseReason {
-    let Established {
-        mut client,
-        mut backend,
-        surplus,
-        registration,
-    } = established;
     record.relay_started = Some(std::time::Instant::now());
+    let Established {
+        client,
+        backend,
+        surplus,
+        _registration: _,
+    } = &mut *established;
     let options = relay::Options {
         terminate: Some(&conn.ctx.terminate),
         idle_timeout: conn.rt.idle_timeout,
-        to_client: surplus.to_client,
-        to_backend: surplus.to_backend,
+        to_client: std::mem::take(&mut surplus.to_client),
+        to_backend: std::mem::take(&mut surplus.to_backend),
         progress: Some(conn.ctx.metrics.relay_progress.clone()),
     };
-    let result = relay::relay(&mut client, &mut *backend, options).await;
-    let reason = Box::pin(ending::relay_ended(&mut client, result, conn.rt, record)).await;
-    drop(registration);
-    reason
+    let result = relay::relay(client, &mut **backend, options).await;
+    // The cancel registration ends with `established`, after this.
+    Box::pin(ending::relay_ended(client, result, conn.rt, record)).await
 }
 
 /// Access decision and backend login, until ReadyForQuery reached the
@@ -394,6 +391,6 @@ async fn establish(
         client,
         backend,
         surplus,
-        registration,
+        _registration: registration,
     }))
 }

@@ -37,13 +37,18 @@ pub struct Workers {
     workers: Arc<[Worker]>,
 }
 
-/// `count` threads, each named `pgtls-worker-N`; 0 means one per CPU the
-/// process may run on.
-pub fn start(count: usize) -> std::io::Result<Workers> {
-    let count = match count {
+/// The thread count `listen.workers` asks for: 0 means one per CPU the
+/// process may run on (affinity and cgroup quota count).
+pub fn resolve(configured: usize) -> usize {
+    match configured {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
-    };
+    }
+}
+
+/// [`resolve`]`(configured)` threads, each named `pgtls-worker-N`.
+pub fn start(configured: usize) -> std::io::Result<Workers> {
+    let count = resolve(configured);
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
         let runtime = tokio::runtime::Builder::new_current_thread()

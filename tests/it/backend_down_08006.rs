@@ -22,7 +22,12 @@ async fn backend_down_gives_08006() {
         "{err}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="connect",sslmode="disable"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="connect",sslmode="disable"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 

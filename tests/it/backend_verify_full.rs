@@ -67,7 +67,12 @@ async fn backend_verify_full() {
         "{err}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="tls",sslmode="verify-full"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="tls",sslmode="verify-full"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 

@@ -39,7 +39,9 @@ async fn cancel_request_forwarded() {
     assert!(started.elapsed() < Duration::from_secs(10));
 
     assert_eq!(
-        proxy.metric(r#"pgtls_negotiations_total{path="cancel"}"#),
+        proxy
+            .metric_when(r#"pgtls_negotiations_total{path="cancel"}"#, 1.0)
+            .await,
         1.0
     );
 }

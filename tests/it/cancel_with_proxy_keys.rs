@@ -77,7 +77,9 @@ async fn psql_ctrl_c_and_wrong_keys() {
         "{text}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_cancel_requests_total{result="forwarded"}"#),
+        proxy
+            .metric_when(r#"pgtls_cancel_requests_total{result="forwarded"}"#, 1.0)
+            .await,
         1.0
     );
 
@@ -136,7 +138,9 @@ async fn psql_ctrl_c_and_wrong_keys() {
             .map(|e| error_fields(&e.1))
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_cancel_requests_total{result="unknown"}"#),
+        proxy
+            .metric_when(r#"pgtls_cancel_requests_total{result="unknown"}"#, 1.0)
+            .await,
         1.0
     );
 

@@ -128,11 +128,16 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
     );
     assert_eq!(
-        a.metric(r#"pgtls_cancel_requests_total{result="peer"}"#),
+        a.metric_when(r#"pgtls_cancel_requests_total{result="peer"}"#, 1.0)
+            .await,
         1.0
     );
     assert_eq!(
-        a.metric(r#"pgtls_cancel_peer_total{direction="sent",result="delivered"}"#),
+        a.metric_when(
+            r#"pgtls_cancel_peer_total{direction="sent",result="delivered"}"#,
+            1.0
+        )
+        .await,
         1.0
     );
     assert_eq!(a.metric("pgtls_fleet_peers"), 1.0, "A learned B on demand");
@@ -174,11 +179,16 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     forged[43] ^= 1;
     send_cancel(b.addr, &forged).await;
     assert_eq!(
-        b.metric(r#"pgtls_cancel_requests_total{result="forged"}"#),
+        b.metric_when(r#"pgtls_cancel_requests_total{result="forged"}"#, 1.0)
+            .await,
         1.0
     );
     assert_eq!(
-        b.metric(r#"pgtls_cancel_peer_total{direction="sent",result="delivered"}"#),
+        b.metric_when(
+            r#"pgtls_cancel_peer_total{direction="sent",result="delivered"}"#,
+            0.0
+        )
+        .await,
         0.0
     );
     // A forged 3.0 key for A's pid is sent on and cancels nothing there.
@@ -217,7 +227,8 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         .expect("ErrorResponse");
     assert_eq!(error_fields(body)[&'C'], "57014");
     assert_eq!(
-        b.metric(r#"pgtls_cancel_requests_total{result="peer"}"#),
+        b.metric_when(r#"pgtls_cancel_requests_total{result="peer"}"#, 2.0)
+            .await,
         2.0
     );
     wait_for(
@@ -284,7 +295,8 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     }
     let f = TestProxy::start(c).await;
     assert_eq!(
-        f.metric(r#"pgtls_fleet_probes_total{result="key_mismatch"}"#),
+        f.metric_when(r#"pgtls_fleet_probes_total{result="key_mismatch"}"#, 1.0)
+            .await,
         1.0
     );
     assert_eq!(f.metric("pgtls_fleet_peers"), 1.0);

@@ -88,7 +88,12 @@ async fn limits() {
     .expect("admitted after the stalled handshake times out");
     assert_eq!(out, "admitted");
     assert_eq!(
-        proxy.metric(r#"pgtls_tls_handshake_failures_total{reason="timeout"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_tls_handshake_failures_total{reason="timeout"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     drop(stalled);

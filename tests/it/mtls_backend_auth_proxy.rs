@@ -61,7 +61,12 @@ async fn proxy_login_with_backend_mtls_and_pg_ident() {
     .expect("no password needed");
     assert_eq!(out, "alice /CN=pg-tls-proxy");
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_logins_total{method="trust_or_cert",result="ok"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_logins_total{method="trust_or_cert",result="ok"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 
@@ -120,7 +125,12 @@ async fn proxy_login_with_scram_credentials() {
         "svc true"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_logins_total{method="scram-sha-256-plus",result="ok"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_logins_total{method="scram-sha-256-plus",result="ok"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     // No credential for alice: a clear refusal, the client is not prompted.
@@ -139,7 +149,12 @@ async fn proxy_login_with_scram_credentials() {
         "svc false"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_logins_total{method="scram-sha-256",result="ok"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_logins_total{method="scram-sha-256",result="ok"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     // A wrong secret gets the backend's own error.

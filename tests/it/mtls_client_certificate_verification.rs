@@ -84,7 +84,12 @@ async fn required_mode() {
         .expect_err("revoked");
     assert!(err.contains("certificate revoked"), "{err}");
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 }

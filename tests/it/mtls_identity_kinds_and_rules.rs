@@ -174,7 +174,7 @@ async fn identity_kinds_and_rules() {
         "{err}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_role_decisions_total{decision="denied",identity_kind="none",reason="no_rule_matched"}"#),
+        proxy.metric_when(r#"pgtls_role_decisions_total{decision="denied",identity_kind="none",reason="no_rule_matched"}"#, 3.0).await,
         3.0
     );
     assert_eq!(

@@ -42,11 +42,18 @@ async fn bytes_after_sslrequest_never_processed() {
     assert!(!rest.windows(1).any(|w| w == b"Z"), "never a ReadyForQuery");
 
     assert_eq!(
-        proxy.metric(r#"pgtls_negotiations_total{path="early_data"}"#),
+        proxy
+            .metric_when(r#"pgtls_negotiations_total{path="early_data"}"#, 1.0)
+            .await,
         1.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
+                0.0
+            )
+            .await,
         0.0
     );
     let seen = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'victim'");

@@ -22,7 +22,9 @@ async fn direct_tls_requires_alpn() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
     assert_eq!(startup_and_query(&mut tls, "bob", "SELECT 7").await, "7");
     assert_eq!(
-        proxy.metric(r#"pgtls_negotiations_total{path="direct_tls"}"#),
+        proxy
+            .metric_when(r#"pgtls_negotiations_total{path="direct_tls"}"#, 1.0)
+            .await,
         1.0
     );
 
@@ -46,7 +48,12 @@ async fn direct_tls_requires_alpn() {
         "{err:?}"
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 }

@@ -34,11 +34,21 @@ async fn plaintext_refused_with_28000() {
     assert_eq!(fields[&'S'], "FATAL");
     assert_eq!(fields[&'C'], "28000");
     assert_eq!(
-        proxy.metric(r#"pgtls_negotiations_total{path="plaintext_rejected"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_negotiations_total{path="plaintext_rejected"}"#,
+                2.0
+            )
+            .await,
         2.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
+                0.0
+            )
+            .await,
         0.0
     );
 

@@ -28,7 +28,9 @@ async fn psql_verify_full_through_intermediate() {
     // alice is logged in, and the backend link itself is plaintext here.
     assert_eq!(out, "alice 0");
     assert_eq!(
-        proxy.metric(r#"pgtls_negotiations_total{path="sslrequest"}"#),
+        proxy
+            .metric_when(r#"pgtls_negotiations_total{path="sslrequest"}"#, 1.0)
+            .await,
         1.0
     );
 

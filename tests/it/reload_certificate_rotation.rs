@@ -65,7 +65,9 @@ async fn rotate_certificate_and_survive_bad_reloads() {
         .expect("connect after");
     after.simple_query("SELECT 3").await.expect("query after");
     assert_eq!(
-        proxy.metric(r#"pgtls_config_reloads_total{result="success"}"#),
+        proxy
+            .metric_when(r#"pgtls_config_reloads_total{result="success"}"#, 1.0)
+            .await,
         1.0
     );
 
@@ -106,7 +108,9 @@ async fn rotate_certificate_and_survive_bad_reloads() {
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("old configuration kept"), "{body}");
     assert_eq!(
-        proxy.metric(r#"pgtls_config_reloads_total{result="failure"}"#),
+        proxy
+            .metric_when(r#"pgtls_config_reloads_total{result="failure"}"#, 3.0)
+            .await,
         3.0
     );
     after

@@ -95,7 +95,12 @@ async fn revocation_after_reload_defeats_resumption() {
         .expect_err("revoked after reload");
     assert!(format!("{err:?}").contains("CertificateRevoked"), "{err:?}");
     assert_eq!(
-        proxy.metric(r#"pgtls_tls_handshake_failures_total{reason="revoked"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_tls_handshake_failures_total{reason="revoked"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 }

@@ -181,15 +181,30 @@ async fn routes_by_server_name_options_and_database() {
         proxy.metric(r#"pgtls_route_sessions_total{route="two",selected_by="server_name"}"#) >= 2.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_route_sessions_total{route="tenants",selected_by="server_name"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_route_sessions_total{route="tenants",selected_by="server_name"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_route_sessions_total{route="two",selected_by="options"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_route_sessions_total{route="two",selected_by="options"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_route_sessions_total{route="tenants",selected_by="database"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_route_sessions_total{route="tenants",selected_by="database"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     assert!(
@@ -212,7 +227,12 @@ async fn routes_by_server_name_options_and_database() {
     .expect_err("unknown name");
     assert!(err.contains("unrecognized name"), "{err}");
     assert_eq!(
-        strict.metric(r#"pgtls_tls_handshake_failures_total{reason="unrecognized_name"}"#),
+        strict
+            .metric_when(
+                r#"pgtls_tls_handshake_failures_total{reason="unrecognized_name"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     let err = psql(

@@ -68,7 +68,9 @@ async fn auth_query_with_security_definer_function() {
     assert_eq!(login("alice", "secret").await.as_deref(), Ok("alice"));
     assert_eq!(login("alice", "secret").await.as_deref(), Ok("alice"));
     assert_eq!(
-        proxy.metric(r#"pgtls_auth_query_total{result="miss"}"#),
+        proxy
+            .metric_when(r#"pgtls_auth_query_total{result="miss"}"#, 1.0)
+            .await,
         1.0
     );
     assert_eq!(proxy.metric(r#"pgtls_auth_query_total{result="hit"}"#), 1.0);
@@ -119,7 +121,9 @@ async fn auth_query_with_security_definer_function() {
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(login("phantom", "boo").await.as_deref(), Ok("phantom"));
     assert_eq!(
-        proxy.metric(r#"pgtls_auth_query_total{result="error"}"#),
+        proxy
+            .metric_when(r#"pgtls_auth_query_total{result="error"}"#, 0.0)
+            .await,
         0.0
     );
 }

@@ -121,7 +121,12 @@ async fn scram_terminated_on_both_legs() {
         "and the proxy bound its own login to the backend's"
     );
     assert_eq!(
-        plain.metric(r#"pgtls_backend_logins_total{method="scram-sha-256",result="ok"}"#),
+        plain
+            .metric_when(
+                r#"pgtls_backend_logins_total{method="scram-sha-256",result="ok"}"#,
+                3.0
+            )
+            .await,
         3.0
     );
 
@@ -291,7 +296,12 @@ async fn scram_protocol_errors() {
         assert!(f[&'M'].contains(text), "{f:?}");
     }
     assert_eq!(
-        proxy.metric(r#"pgtls_client_logins_total{method="scram-sha-256",result="downgrade"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_client_logins_total{method="scram-sha-256",result="downgrade"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 }
@@ -403,7 +413,12 @@ async fn password_and_certificate_clients_on_one_listener() {
         Ok("certuser")
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
     assert_eq!(
@@ -460,11 +475,21 @@ async fn scram_plus_binds_to_the_routes_certificate() {
         );
     }
     assert_eq!(
-        proxy.metric(r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_client_logins_total{method="scram-sha-256-plus",result="ok"}"#,
+                2.0
+            )
+            .await,
         2.0
     );
     assert_eq!(
-        proxy.metric(r#"pgtls_route_sessions_total{route="two",selected_by="server_name"}"#),
+        proxy
+            .metric_when(
+                r#"pgtls_route_sessions_total{route="two",selected_by="server_name"}"#,
+                1.0
+            )
+            .await,
         1.0
     );
 }

@@ -99,11 +99,15 @@ pub struct Options<'a> {
 
 /// Copies until both directions have ended, either fails, or `limits`
 /// end it at a backend message boundary.
-pub async fn relay<C, B>(
-    client: &mut C,
-    backend: &mut B,
-    limits: Options<'_>,
-) -> Result<RelayStats, RelayError>
+///
+/// The setup runs before the future is made, so the future (which an idle
+/// session holds for its whole life) carries none of `limits`' fields it
+/// no longer needs.
+pub fn relay<'a, C, B>(
+    client: &'a mut C,
+    backend: &'a mut B,
+    limits: Options<'a>,
+) -> impl Future<Output = Result<RelayStats, RelayError>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -115,10 +119,26 @@ where
         to_backend,
         progress,
     } = limits;
-    let mut up = Direction::new(Flow::ClientToBackend, &to_backend);
-    let mut down = Direction::new(Flow::BackendToClient, &to_client);
     // The login's buffers are freed as soon as their bytes are copied.
+    let up = Direction::new(Flow::ClientToBackend, &to_backend);
+    let down = Direction::new(Flow::BackendToClient, &to_client);
     drop((to_client, to_backend));
+    run(client, backend, up, down, terminate, idle_timeout, progress)
+}
+
+async fn run<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    mut up: Direction,
+    mut down: Direction,
+    terminate: Option<&crate::sys::stop::Stop>,
+    idle_timeout: Option<Duration>,
+    progress: Option<RelayProgress>,
+) -> Result<RelayStats, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut reported = (0u64, 0u64);
     let report = tokio::time::sleep(RelayProgress::EVERY);
     tokio::pin!(report);
