@@ -353,6 +353,47 @@ fn bench_relay(c: &mut Criterion) {
     g.finish();
 }
 
+/// The relay's per-message path: one small query in and one small answer
+/// out through `relay`, over in-memory pipes on one current-thread runtime
+/// (as a session thread runs it). No sockets and no TLS: what is measured
+/// is the relay's own work per round trip (buffers, framing, polling).
+fn bench_relay_round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&13i32.to_be_bytes());
+    query.extend_from_slice(b"SELECT 1;\0");
+    let mut answer = data_rows(1, 40);
+    answer.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+    let mut g = c.benchmark_group("relay_round_trip_duplex");
+    g.bench_function("query_and_answer", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+                let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+                let relay = tokio::spawn(async move {
+                    relay(&mut client, &mut backend, Options::default()).await
+                });
+                let (mut q, mut a) = (vec![0u8; query.len()], vec![0u8; answer.len()]);
+                let started = std::time::Instant::now();
+                for _ in 0..iters {
+                    client_end.write_all(&query).await.expect("query");
+                    backend_end.read_exact(&mut q).await.expect("relayed query");
+                    backend_end.write_all(&answer).await.expect("answer");
+                    client_end.read_exact(&mut a).await.expect("relayed answer");
+                }
+                let took = started.elapsed();
+                drop((client_end, backend_end));
+                let _ = relay.await;
+                took
+            })
+        })
+    });
+    g.finish();
+}
+
 /// The SCRAM work of one terminated login: one exchange between the
 /// proxy's server side (the client's leg: nonce, proof check, signature)
 /// and the proxy's client side (the backend's leg: proof from the
@@ -434,6 +475,7 @@ criterion_group!(
     bench_tls,
     bench_tls_server_key,
     bench_relay,
+    bench_relay_round_trip,
     bench_scram,
     bench_routes
 );
