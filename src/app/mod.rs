@@ -37,9 +37,9 @@ pub use crate::conn::context::Context;
 use crate::metrics::Metrics;
 use crate::policy::cancel::CancelRegistry;
 use crate::runtime::Runtime;
-/// Descriptors kept back from client traffic (admin, reloads, cancels).
-pub use crate::sys::fdlimit::RESERVED as RESERVED_DESCRIPTORS;
 use crate::sys::fdlimit::{self, FdBudget, FdLimit};
+/// Descriptors kept back from client traffic (admin, reloads, cancels).
+pub use crate::sys::fdlimit::{PER_SESSION_THREAD, RESERVED as RESERVED_DESCRIPTORS};
 use crate::sys::listener::{bind, effective_backlog};
 use crate::sys::stop::Stop;
 use crate::sys::workers::{self, Workers};
@@ -96,7 +96,7 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     let runtime = Runtime::build(&config)?;
     let metrics = Metrics::new(registry)?;
     metrics.set_certificates(&runtime.certificates);
-    let fd_limit = FdLimit::raise();
+    let fd_limit = FdLimit::raise().with_session_threads(workers::resolve(config.listen.workers));
     metrics.fd_limit.set(fd_limit.soft as i64);
     let max_sessions = fd_limit.admitted(config.limits.max_connections);
     let (fleet, scheme) = fleet::identity(config.fleet.as_ref(), &metrics)?;
@@ -150,7 +150,8 @@ pub struct DrainReport {
     pub terminated: usize,
 }
 
-/// Prepares and binds; sessions run on the current tokio runtime.
+/// Prepares and binds; sessions run on session threads of their own
+/// (`listen.workers`), the listeners on the current tokio runtime.
 pub async fn start(config: Config, registry: &Registry) -> Result<Handle, StartError> {
     let prepared = prepare(config, registry)?;
     serve(prepared, registry, ReloadSource::default()).await

@@ -87,7 +87,7 @@ pub fn check(config: Option<PathBuf>) -> ExitCode {
         fds.raised_from
             .map_or(String::new(), |from| format!(", raised from {from}")),
         fds.sessions(),
-        crate::sys::fdlimit::RESERVED
+        fds.reserved
     );
     if let Some(why) = fds.shortfall(c.limits.max_connections) {
         out!("WARNING             {why}");

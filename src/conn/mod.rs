@@ -225,11 +225,12 @@ async fn drive(
 
 /// A logged-in session, ready to relay: only what the relay needs.
 struct Established {
+    /// The cancel key stays valid exactly as long as this is held. First,
+    /// so it is dropped before the sockets close.
+    _registration: Option<crate::policy::cancel::Registration<CancelTarget>>,
     client: ClientStream,
     backend: login::LinkedBackend,
     surplus: login::Surplus,
-    /// The cancel key stays valid exactly as long as this is held.
-    _registration: Option<crate::policy::cancel::Registration<CancelTarget>>,
 }
 
 /// The relay, until either side ends it; then how it ended is settled.

@@ -23,6 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// files a reload reads, DNS lookups and cancel forwarding.
 pub const RESERVED: u64 = 128;
 
+/// Descriptors each session thread's runtime keeps open (its epoll
+/// instance and the eventfd that wakes it), also kept out of the budget.
+pub const PER_SESSION_THREAD: u64 = 2;
+
 /// Never ask the kernel for more than this, whatever the hard limit says
 /// (some systems report `RLIM_INFINITY`).
 const CEILING: u64 = 1 << 20;
@@ -35,6 +39,9 @@ pub struct FdLimit {
     pub hard: u64,
     /// The soft limit before it was raised, when it was.
     pub raised_from: Option<u64>,
+    /// Kept out of the client budget: [`RESERVED`], plus the session
+    /// threads' own ([`FdLimit::with_session_threads`]).
+    pub reserved: u64,
 }
 
 impl FdLimit {
@@ -48,6 +55,7 @@ impl FdLimit {
                 soft: CEILING,
                 hard: CEILING,
                 raised_from: None,
+                reserved: RESERVED,
             };
         };
         let target = hard.min(CEILING);
@@ -56,18 +64,26 @@ impl FdLimit {
                 soft,
                 hard,
                 raised_from: None,
+                reserved: RESERVED,
             };
         }
         FdLimit {
             soft: target,
             hard,
             raised_from: Some(soft),
+            reserved: RESERVED,
         }
+    }
+
+    /// Also keeps back what `threads` session threads hold themselves.
+    pub fn with_session_threads(mut self, threads: usize) -> FdLimit {
+        self.reserved = RESERVED + PER_SESSION_THREAD * threads as u64;
+        self
     }
 
     /// Descriptors left for client sockets and backend links.
     pub fn budget(&self) -> usize {
-        usize::try_from(self.soft.saturating_sub(RESERVED)).unwrap_or(usize::MAX)
+        usize::try_from(self.soft.saturating_sub(self.reserved)).unwrap_or(usize::MAX)
     }
 
     /// Sessions that fit: two descriptors each.
@@ -76,21 +92,21 @@ impl FdLimit {
     }
 
     /// Descriptors `max_connections` sessions need, reserve included.
-    pub fn needed(max_connections: usize) -> u64 {
-        (max_connections as u64).saturating_mul(2) + RESERVED
+    pub fn needed(&self, max_connections: usize) -> u64 {
+        (max_connections as u64).saturating_mul(2) + self.reserved
     }
 
     /// `None` when `max_connections` fits (0 means unlimited, which never
     /// fits), else a sentence saying how many sessions do.
     pub fn shortfall(&self, max_connections: usize) -> Option<String> {
-        if max_connections != 0 && Self::needed(max_connections) <= self.soft {
+        if max_connections != 0 && self.needed(max_connections) <= self.soft {
             return None;
         }
         let wanted = match max_connections {
             0 => "limits.max_connections = 0 (no limit)".to_string(),
             n => format!(
                 "limits.max_connections = {n} needs {} file descriptors",
-                Self::needed(n)
+                self.needed(n)
             ),
         };
         Some(format!(
@@ -107,7 +123,7 @@ impl FdLimit {
     /// clients over the limit negotiate and be told 53300 instead of
     /// being cut off at accept.
     pub fn admitted(&self, max_connections: usize) -> usize {
-        if max_connections != 0 && Self::needed(max_connections) <= self.soft {
+        if max_connections != 0 && self.needed(max_connections) <= self.soft {
             return max_connections;
         }
         (self.budget() * 9 / 20).max(1)
@@ -196,6 +212,7 @@ mod tests {
             soft: 1024,
             hard: 1024,
             raised_from: None,
+            reserved: RESERVED,
         };
         assert_eq!(limit.budget(), 1024 - RESERVED as usize);
         assert_eq!(limit.sessions(), 448);

@@ -51,23 +51,33 @@ pub fn start(configured: usize) -> std::io::Result<Workers> {
     let count = resolve(configured);
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
+        // I/O and timers only (signals are the main runtime's): two
+        // descriptors each (epoll, its waker), which the descriptor budget
+        // keeps back (`fdlimit::PER_SESSION_THREAD`). The blocking pools
+        // (SCRAM's PBKDF2) share tokio's default ceiling of 512 threads.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
+            .max_blocking_threads((512 / count).max(16))
             .build()?;
         let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let live = Arc::new(AtomicUsize::new(0));
+        let counted = live.clone();
         std::thread::Builder::new()
             .name(format!("pgtls-worker-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
                     while let Some(job) = queue.recv().await {
-                        tokio::spawn(job());
+                        let session = Live(counted.clone());
+                        let run = job();
+                        tokio::spawn(async move {
+                            let _session = session;
+                            run.await;
+                        });
                     }
                 });
             })?;
-        workers.push(Worker {
-            jobs,
-            live: Arc::new(AtomicUsize::new(0)),
-        });
+        workers.push(Worker { jobs, live });
     }
     Ok(Workers {
         workers: workers.into(),
@@ -81,29 +91,39 @@ impl Workers {
     }
 
     /// Runs the future `make` builds on the least busy worker; it counts
-    /// as a live session there until it ends. False when no worker is left
-    /// (only while the process is going down): `make` is then dropped.
+    /// as a live session there until it ends. A worker whose thread is
+    /// gone is passed over from then on. False when none is left (only
+    /// while the process is going down): `make` is then dropped.
     pub fn spawn<F, Fut>(&self, make: F) -> bool
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(worker) = self
-            .workers
-            .iter()
-            .min_by_key(|w| w.live.load(Ordering::Relaxed))
-        else {
-            return false;
-        };
-        worker.live.fetch_add(1, Ordering::Relaxed);
-        let live = Live(worker.live.clone());
-        let job: Job = Box::new(move || {
-            Box::pin(async move {
-                let _live = live;
-                make().await;
-            })
+        let mut job: Job = Box::new(move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(make())
         });
-        worker.jobs.send(job).is_ok()
+        for _ in 0..self.workers.len() {
+            let Some(worker) = self
+                .workers
+                .iter()
+                .filter(|w| !w.jobs.is_closed())
+                .min_by_key(|w| w.live.load(Ordering::Relaxed))
+            else {
+                return false;
+            };
+            // Counted now, not when the worker gets to it, so a burst of
+            // accepts spreads instead of landing on one idle worker. The
+            // worker's guard takes it back when the session ends.
+            worker.live.fetch_add(1, Ordering::Relaxed);
+            match worker.jobs.send(job) {
+                Ok(()) => return true,
+                Err(mpsc::error::SendError(back)) => {
+                    worker.live.fetch_sub(1, Ordering::Relaxed);
+                    job = back;
+                }
+            }
+        }
+        false
     }
 
     /// Live sessions per worker, in worker order.
@@ -116,7 +136,7 @@ impl Workers {
     }
 }
 
-/// Counts a session on its worker until dropped.
+/// A session's count on its worker, taken back when dropped.
 struct Live(Arc<AtomicUsize>);
 
 impl Drop for Live {
@@ -163,5 +183,36 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         panic!("sessions still counted: {:?}", workers.live());
+    }
+
+    #[test]
+    fn a_worker_whose_thread_is_gone_is_passed_over() {
+        let alive = start(1).expect("worker");
+        let (jobs, queue) = mpsc::unbounded_channel::<Job>();
+        drop(queue);
+        let gone = Worker {
+            jobs,
+            live: Arc::new(AtomicUsize::new(0)),
+        };
+        let alive_worker = &alive.workers[0];
+        let workers = Workers {
+            workers: vec![
+                gone,
+                Worker {
+                    jobs: alive_worker.jobs.clone(),
+                    live: alive_worker.live.clone(),
+                },
+            ]
+            .into(),
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        assert!(workers.spawn(move || async move {
+            let _ = done_tx.send(std::thread::current().name().map(str::to_owned));
+        }));
+        assert_eq!(
+            done_rx.recv().expect("ran").as_deref(),
+            Some("pgtls-worker-0")
+        );
+        assert_eq!(workers.workers[0].live.load(Ordering::Relaxed), 0);
     }
 }

@@ -41,7 +41,7 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         ..Default::default()
     });
     let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\nbacklog = 1000\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[limits]\nhandshake_timeout = \"30s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        "[listen]\naddress = \"127.0.0.1:0\"\nbacklog = 1000\nworkers = 1\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[limits]\nhandshake_timeout = \"30s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
         pki.server_chain.display(),
         pki.server_key.display(),
         pg.address()
@@ -59,10 +59,12 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
         "{text}"
     );
     assert!(
-        text.contains("limits.max_connections = 10000 needs 20128 file descriptors"),
+        text.contains("limits.max_connections = 10000 needs 20130 file descriptors"),
         "{text}"
     );
-    let sessions = (NOFILE as usize - pg_tls_proxy::app::RESERVED_DESCRIPTORS as usize) * 9 / 20;
+    // The reserve, and one session thread's own two descriptors.
+    let reserved = pg_tls_proxy::app::RESERVED_DESCRIPTORS + pg_tls_proxy::app::PER_SESSION_THREAD;
+    let sessions = (NOFILE as usize - reserved as usize) * 9 / 20;
     assert!(
         text.contains(&format!("admitting at most {sessions} sessions")),
         "{text}"

@@ -48,12 +48,7 @@ async fn bytes_after_sslrequest_never_processed() {
         1.0
     );
     assert_eq!(
-        proxy
-            .metric_when(
-                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
-                0.0
-            )
-            .await,
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         0.0
     );
     let seen = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'victim'");

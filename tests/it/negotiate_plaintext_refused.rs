@@ -43,12 +43,7 @@ async fn plaintext_refused_with_28000() {
         2.0
     );
     assert_eq!(
-        proxy
-            .metric_when(
-                r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#,
-                0.0
-            )
-            .await,
+        proxy.metric(r#"pgtls_backend_connects_total{result="ok",sslmode="disable"}"#),
         0.0
     );
 
