@@ -7,7 +7,7 @@
 # transaction (utime + stime from /proc/PID/stat over the run).
 #
 #   bash benches/compare.sh            # full run (~10 minutes on 2 cores)
-#   bash benches/compare.sh --quick    # smoke run (~2 minutes)
+#   bash benches/compare.sh --quick    # smoke run (~3 minutes)
 #
 # Options: --quick, --rounds R (default 2), --sessions N (idle sessions for the
 # memory figure; default 1000, 200 with --quick), --only LETTERS (figures to

@@ -15,7 +15,8 @@
 //!
 //! Each session holds two descriptors in the proxy (client and backend),
 //! so the largest count is bounded by RLIMIT_NOFILE: 50,000 sessions need
-//! a hard limit of at least 100,128 for the proxy (systemd `LimitNOFILE=`),
+//! a hard limit of at least 100,128 plus 2 per session thread for the
+//! proxy (systemd `LimitNOFILE=`),
 //! and this program needs 50,000 for the clients, as does the stand-in.
 
 use std::io::{BufRead, BufReader};

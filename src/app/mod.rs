@@ -171,6 +171,9 @@ pub async fn serve(
     } else if let Some(from) = prepared.fd_limit.raised_from {
         info!(from, to = prepared.fd_limit.soft, "raised RLIMIT_NOFILE");
     }
+    // Before anything is bound: a failure here leaves no port taken.
+    let workers = workers::start(config.listen.workers).map_err(StartError::Workers)?;
+    info!(workers = workers.count(), "session threads");
     let reloader = Arc::new(crate::app::reload::Reloader::new(
         shared.clone(),
         config.clone(),
@@ -232,8 +235,6 @@ pub async fn serve(
     let stop_accepting = CancellationToken::new();
     let force_close = Arc::new(Stop::new());
     let tracker = TaskTracker::new();
-    let workers = workers::start(config.listen.workers).map_err(StartError::Workers)?;
-    info!(workers = workers.count(), "session threads");
     let accept_task = tokio::spawn(accept_loop(
         listener,
         shared.clone(),

@@ -211,6 +211,15 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.listen.workers != new.listen.workers {
         keys.push("listen.workers");
     }
+    if old.listen.backlog != new.listen.backlog {
+        keys.push("listen.backlog");
+    }
+    if old.listen.proxy_protocol != new.listen.proxy_protocol {
+        keys.push("listen.proxy_protocol");
+    }
+    if old.listen.proxy_trusted != new.listen.proxy_trusted {
+        keys.push("listen.proxy_trusted");
+    }
     if old.admin.address != new.admin.address || old.admin.enabled != new.admin.enabled {
         keys.push("admin.address");
     }

@@ -122,7 +122,11 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     let log = app::logging::init(&prepared.config);
+    // Listeners, admin, reloads and the fleet's peer link; sessions run
+    // on their own threads (`sys::workers`).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pgtls-control")
         .enable_all()
         .build()
     {

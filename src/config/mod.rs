@@ -226,6 +226,17 @@ mod tests {
     }
 
     #[test]
+    fn session_threads_are_bounded() {
+        let base = "[tls]\ncert='a'\nkey='b'\n[listen]\n";
+        let c = Config::from_toml(&format!("{base}workers = 256\n")).expect("valid");
+        assert_eq!(c.listen.workers, 256);
+        let err = Config::from_toml(&format!("{base}workers = 9990\n"))
+            .expect_err("too many")
+            .to_string();
+        assert!(err.contains("listen.workers: must be at most 256"), "{err}");
+    }
+
+    #[test]
     fn reference_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pg-tls-proxy.toml");
         let c = Config::load(Some(&path)).expect("the reference config is valid");

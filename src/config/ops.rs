@@ -46,10 +46,19 @@ impl Default for Listen {
     }
 }
 
+/// More session threads than this only cost descriptors and memory.
+pub const MAX_WORKERS: usize = 256;
+
 impl Listen {
     pub(crate) fn check(&self) -> Check {
         if self.backlog == 0 {
             return Err(("listen.backlog", "must be greater than 0".into()));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err((
+                "listen.workers",
+                format!("must be at most {MAX_WORKERS} (0: one per CPU)"),
+            ));
         }
         if self.proxy_protocol == ProxyProtocol::Required && self.proxy_trusted.is_empty() {
             return Err((
