@@ -204,37 +204,42 @@ fn watched_files(config_path: Option<&PathBuf>, c: &Config) -> Vec<PathBuf> {
 }
 
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if old.listen.address != new.listen.address {
-        keys.push("listen.address");
-    }
-    if old.listen.workers != new.listen.workers {
-        keys.push("listen.workers");
-    }
-    if old.listen.backlog != new.listen.backlog {
-        keys.push("listen.backlog");
-    }
-    if old.listen.proxy_protocol != new.listen.proxy_protocol {
-        keys.push("listen.proxy_protocol");
-    }
-    if old.listen.proxy_trusted != new.listen.proxy_trusted {
-        keys.push("listen.proxy_trusted");
-    }
-    if old.admin.address != new.admin.address || old.admin.enabled != new.admin.enabled {
-        keys.push("admin.address");
-    }
-    if old.limits.max_connections != new.limits.max_connections {
-        keys.push("limits.max_connections");
-    }
-    if old.limits.max_handshakes_in_flight != new.limits.max_handshakes_in_flight {
-        keys.push("limits.max_handshakes_in_flight");
-    }
-    if old.shutdown.grace_period != new.shutdown.grace_period {
-        keys.push("shutdown.grace_period");
-    }
-    if old.reload.poll_interval != new.reload.poll_interval {
-        keys.push("reload.poll_interval");
-    }
+    let (o, n) = (&old.listen, &new.listen);
+    let changed = [
+        ("listen.address", o.address != n.address),
+        ("listen.workers", o.workers != n.workers),
+        ("listen.backlog", o.backlog != n.backlog),
+        (
+            "listen.proxy_protocol",
+            o.proxy_protocol != n.proxy_protocol,
+        ),
+        ("listen.proxy_trusted", o.proxy_trusted != n.proxy_trusted),
+        (
+            "admin.address",
+            old.admin.address != new.admin.address || old.admin.enabled != new.admin.enabled,
+        ),
+        (
+            "limits.max_connections",
+            old.limits.max_connections != new.limits.max_connections,
+        ),
+        (
+            "limits.max_handshakes_in_flight",
+            old.limits.max_handshakes_in_flight != new.limits.max_handshakes_in_flight,
+        ),
+        (
+            "shutdown.grace_period",
+            old.shutdown.grace_period != new.shutdown.grace_period,
+        ),
+        (
+            "reload.poll_interval",
+            old.reload.poll_interval != new.reload.poll_interval,
+        ),
+    ];
+    let mut keys: Vec<&'static str> = changed
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| *key)
+        .collect();
     let identity = |f: &Option<crate::config::Fleet>| {
         f.as_ref().map(|f| {
             (
@@ -258,5 +263,31 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
 impl super::admin::Reload for Arc<Reloader> {
     async fn reload(&self) -> Result<(), String> {
         Reloader::reload(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `[listen]` key is restart-only, and a reload says which.
+    #[test]
+    fn restart_only_keys_are_named() {
+        let base = "[tls]\ncert='a'\nkey='b'\n";
+        let old = Config::from_toml(base).expect("valid");
+        let new = Config::from_toml(&format!(
+            "{base}[listen]\nbacklog = 50\nworkers = 1\nproxy_protocol = 'required'\nproxy_trusted = ['10.0.0.0/8']\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            restart_needed(&old, &new),
+            [
+                "listen.workers",
+                "listen.backlog",
+                "listen.proxy_protocol",
+                "listen.proxy_trusted"
+            ]
+        );
+        assert!(restart_needed(&old, &old).is_empty());
     }
 }
