@@ -8,6 +8,7 @@
 //! new one and swaps it atomically; each connection reads the current one
 //! once, at accept, and keeps it for its lifetime.
 
+mod accept;
 pub mod admin;
 mod fleet;
 pub mod logging;
@@ -21,7 +22,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,6 @@ use crate::app::admin::Admin;
 pub use crate::app::reload::{LogReloader, ReloadSource};
 use crate::backend::health::BackendHealth;
 use crate::config::{Config, ConfigError};
-use crate::conn;
 pub use crate::conn::context::Context;
 use crate::metrics::Metrics;
 use crate::policy::cancel::CancelRegistry;
@@ -235,11 +234,11 @@ pub async fn serve(
     let stop_accepting = CancellationToken::new();
     let force_close = Arc::new(Stop::new());
     let tracker = TaskTracker::new();
-    let accept_task = tokio::spawn(accept_loop(
+    let accept_task = tokio::spawn(accept::accept_loop(
         listener,
         shared.clone(),
         slots,
-        Sessions {
+        accept::Sessions {
             workers: workers.clone(),
             tracker: tracker.clone(),
             force: force_close.clone(),
@@ -277,88 +276,6 @@ pub async fn serve(
         admin_stop,
         reloader,
     })
-}
-
-/// Where accepted sessions go: a worker thread, tracked for the drain,
-/// closed at once by `force`.
-struct Sessions {
-    workers: Workers,
-    tracker: TaskTracker,
-    force: Arc<Stop>,
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Context>,
-    slots: Arc<Semaphore>,
-    sessions: Sessions,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                let exhausted = fdlimit::is_exhaustion(&e);
-                if exhausted {
-                    shared
-                        .metrics
-                        .fd_exhausted
-                        .with_label_values(&["accept"])
-                        .inc();
-                }
-                if let Some(suppressed) = shared.fd_warning.due() {
-                    warn!(suppressed, "accept failed: {e}");
-                }
-                // Back off instead of spinning on a full descriptor table.
-                tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
-                continue;
-            }
-        };
-        // A client the descriptor budget cannot pay for is closed at once:
-        // the reserve belongs to the admin listener and reloads.
-        let Some(fd) = shared.fds.try_take() else {
-            drop(tcp);
-            shared.out_of_descriptors("accept");
-            continue;
-        };
-        // Over the limit the client still negotiates, so it can be told
-        // "too many connections" in a proper ErrorResponse.
-        let permit = slots.clone().try_acquire_owned().ok();
-        // The socket leaves this thread's reactor and joins the worker's.
-        let tcp = match tcp.into_std() {
-            Ok(tcp) => tcp,
-            Err(e) => {
-                warn!("accepted socket unusable: {e}");
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let force = sessions.force.clone();
-        // Counted from here, not from when the worker gets to it, so a
-        // drain never misses a session still in a worker's queue.
-        let tracked = sessions.tracker.token();
-        let spawned = sessions.workers.spawn(move || async move {
-            let _tracked = tracked;
-            let tcp = match tokio::net::TcpStream::from_std(tcp) {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    warn!("accepted socket unusable: {e}");
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = conn::run(tcp, peer, shared, permit, fd) => {}
-                _ = force.wait() => {}
-            }
-        });
-        if !spawned {
-            warn!("no session thread left: closing the connection");
-        }
-    }
 }
 
 impl Handle {
