@@ -6,9 +6,11 @@
 //! message, and the work-stealing scheduler pays for that wake with
 //! cross-thread hand-offs (futex), its own bookkeeping on each wake from
 //! park (an EWMA with `powf` and two clock reads: tokio's
-//! `multi_thread/stats.rs`) and cache misses when a task moves core. A
-//! session on one thread costs 2–3 µs less CPU per relayed transaction
-//! (benches/results/history.md, 2026-11-30). The price is balance: a
+//! `multi_thread/stats.rs`) and cache misses when a task moves core.
+//! Measured (benches/results/history.md, 2026-11-30): 16.7 µs of CPU per
+//! relayed transaction before, 14.6 with two session threads and 13.6
+//! with one; on a busier host the two-thread gain vanished and the
+//! one-thread gain stayed. The price is balance: a
 //! worker cannot steal another's sessions, so each new session goes to the
 //! worker with the fewest live sessions.
 
