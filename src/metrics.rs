@@ -71,6 +71,8 @@ pub struct Metrics {
     pub fleet_peers: IntGauge,
     /// 1, labelled with this replica's id (`[fleet]` only).
     pub fleet_info: IntGaugeVec,
+    /// Sessions on each session thread (`listen.workers`): the balance.
+    pub thread_sessions: IntGaugeVec,
     pub role_decisions: IntCounterVec,
     pub backend_connect_duration: HistogramVec,
     pub backend_connects: IntCounterVec,
@@ -221,6 +223,17 @@ impl Metrics {
                 let g = IntGaugeVec::new(
                     Opts::new("pgtls_fleet_info", "1, labelled with this replica's fleet id."),
                     &["replica_id"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            thread_sessions: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "pgtls_session_thread_sessions",
+                        "Sessions on each session thread (listen.workers), including those queued for it.",
+                    ),
+                    &["thread"],
                 )?;
                 registry.register(Box::new(g.clone()))?;
                 g

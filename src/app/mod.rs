@@ -171,7 +171,11 @@ pub async fn serve(
         info!(from, to = prepared.fd_limit.soft, "raised RLIMIT_NOFILE");
     }
     // Before anything is bound: a failure here leaves no port taken.
-    let workers = workers::start(config.listen.workers).map_err(StartError::Workers)?;
+    let per_thread = shared.metrics.thread_sessions.clone();
+    let workers = workers::start(config.listen.workers, |i| {
+        per_thread.with_label_values(&[&i.to_string()])
+    })
+    .map_err(StartError::Workers)?;
     info!(workers = workers.count(), "session threads");
     let reloader = Arc::new(crate::app::reload::Reloader::new(
         shared.clone(),

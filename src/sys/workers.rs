@@ -16,9 +16,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
+use prometheus::IntGauge;
 use tokio::sync::mpsc;
 
 /// Work sent to a worker: built on the worker's thread, inside its runtime,
@@ -27,8 +26,9 @@ pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Se
 
 struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
-    /// Sessions handed to this worker that have not ended.
-    live: Arc<AtomicUsize>,
+    /// Sessions handed to this worker that have not ended (also the
+    /// `pgtls_session_thread_sessions` series of this thread).
+    live: IntGauge,
 }
 
 /// Session threads. Dropping every clone of it stops the workers once
@@ -36,7 +36,7 @@ struct Worker {
 /// (closed), so keep it until the sessions have drained.
 #[derive(Clone)]
 pub struct Workers {
-    workers: Arc<[Worker]>,
+    workers: std::sync::Arc<[Worker]>,
 }
 
 /// The thread count `listen.workers` asks for: 0 means one per CPU the
@@ -48,8 +48,9 @@ pub fn resolve(configured: usize) -> usize {
     }
 }
 
-/// [`resolve`]`(configured)` threads, each named `pgtls-worker-N`.
-pub fn start(configured: usize) -> std::io::Result<Workers> {
+/// [`resolve`]`(configured)` threads, each named `pgtls-worker-N`; `gauge`
+/// gives each thread's count of live sessions (by its index).
+pub fn start(configured: usize, gauge: impl Fn(usize) -> IntGauge) -> std::io::Result<Workers> {
     let count = resolve(configured);
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
@@ -63,7 +64,7 @@ pub fn start(configured: usize) -> std::io::Result<Workers> {
             .max_blocking_threads((512 / count).max(16))
             .build()?;
         let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
-        let live = Arc::new(AtomicUsize::new(0));
+        let live = gauge(i);
         let counted = live.clone();
         std::thread::Builder::new()
             .name(format!("pgtls-worker-{i}"))
@@ -109,18 +110,18 @@ impl Workers {
                 .workers
                 .iter()
                 .filter(|w| !w.jobs.is_closed())
-                .min_by_key(|w| w.live.load(Ordering::Relaxed))
+                .min_by_key(|w| w.live.get())
             else {
                 return false;
             };
             // Counted now, not when the worker gets to it, so a burst of
             // accepts spreads instead of landing on one idle worker. The
             // worker's guard takes it back when the session ends.
-            worker.live.fetch_add(1, Ordering::Relaxed);
+            worker.live.inc();
             match worker.jobs.send(job) {
                 Ok(()) => return true,
                 Err(mpsc::error::SendError(back)) => {
-                    worker.live.fetch_sub(1, Ordering::Relaxed);
+                    worker.live.dec();
                     job = back;
                 }
             }
@@ -130,20 +131,17 @@ impl Workers {
 
     /// Live sessions per worker, in worker order.
     #[cfg(test)]
-    fn live(&self) -> Vec<usize> {
-        self.workers
-            .iter()
-            .map(|w| w.live.load(Ordering::Relaxed))
-            .collect()
+    fn live(&self) -> Vec<i64> {
+        self.workers.iter().map(|w| w.live.get()).collect()
     }
 }
 
 /// A session's count on its worker, taken back when dropped.
-struct Live(Arc<AtomicUsize>);
+struct Live(IntGauge);
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -151,9 +149,13 @@ impl Drop for Live {
 mod tests {
     use super::*;
 
+    fn gauge(i: usize) -> IntGauge {
+        IntGauge::new(format!("t{i}"), "test").expect("gauge")
+    }
+
     #[test]
     fn spreads_sessions_and_runs_them_on_worker_threads() {
-        let workers = start(2).expect("workers");
+        let workers = start(2, gauge).expect("workers");
         assert_eq!(workers.count(), 2);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let (hold_tx, _) = tokio::sync::broadcast::channel::<()>(1);
@@ -189,12 +191,12 @@ mod tests {
 
     #[test]
     fn a_worker_whose_thread_is_gone_is_passed_over() {
-        let alive = start(1).expect("worker");
+        let alive = start(1, gauge).expect("worker");
         let (jobs, queue) = mpsc::unbounded_channel::<Job>();
         drop(queue);
         let gone = Worker {
             jobs,
-            live: Arc::new(AtomicUsize::new(0)),
+            live: gauge(9),
         };
         let alive_worker = &alive.workers[0];
         let workers = Workers {
@@ -215,6 +217,6 @@ mod tests {
             done_rx.recv().expect("ran").as_deref(),
             Some("pgtls-worker-0")
         );
-        assert_eq!(workers.workers[0].live.load(Ordering::Relaxed), 0);
+        assert_eq!(workers.workers[0].live.get(), 0);
     }
 }

@@ -1,5 +1,5 @@
 //! 200 TLS sessions open at once through one proxy, each with its own
-//! backend connection.
+//! backend connection, spread evenly over the session threads.
 
 use std::collections::HashSet;
 
@@ -19,7 +19,9 @@ async fn concurrent_200_sessions() {
         roles: vec![PgRole::trust("many")],
         ..Default::default()
     });
-    let proxy = TestProxy::start(config(&pki, &pg.address())).await;
+    let mut c = config(&pki, &pg.address());
+    c.listen.workers = 4;
+    let proxy = TestProxy::start(c).await;
     let conn = format!(
         "host=localhost port={} user=many dbname=postgres sslmode=require",
         proxy.port()
@@ -38,6 +40,14 @@ async fn concurrent_200_sessions() {
         clients.push(t.await.expect("join"));
     }
     assert_eq!(proxy.metric("pgtls_connections_active"), SESSIONS as f64);
+    // Each new session went to the thread with the fewest.
+    let per_thread =
+        |t: usize| proxy.metric(&format!(r#"pgtls_session_thread_sessions{{thread="{t}"}}"#));
+    assert_eq!(
+        (0..4).map(per_thread).collect::<Vec<_>>(),
+        [50.0; 4],
+        "balanced over 4 threads"
+    );
 
     let mut pids = HashSet::new();
     for client in &clients {
@@ -50,12 +60,20 @@ async fn concurrent_200_sessions() {
     assert_eq!(pids.len(), SESSIONS, "one backend per session");
     drop(clients);
     for _ in 0..100 {
-        if proxy.metric("pgtls_connections_active") == 0.0 {
+        // A thread's count drops a moment after the session's record.
+        if proxy.metric("pgtls_connections_active") == 0.0
+            && (0..4).map(per_thread).sum::<f64>() == 0.0
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(proxy.metric("pgtls_connections_active"), 0.0);
+    assert_eq!(
+        (0..4).map(per_thread).collect::<Vec<_>>(),
+        [0.0; 4],
+        "every thread's count goes back to 0"
+    );
     assert_eq!(
         proxy.metric(r#"pgtls_connections_accepted_total"#),
         SESSIONS as f64
