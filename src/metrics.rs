@@ -117,6 +117,17 @@ impl Reg<'_> {
         Ok(c)
     }
 
+    fn gauges(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, prometheus::Error> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.0.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
     fn histograms(
         &self,
         name: &str,
@@ -219,25 +230,16 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
-            fleet_info: {
-                let g = IntGaugeVec::new(
-                    Opts::new("pgtls_fleet_info", "1, labelled with this replica's fleet id."),
-                    &["replica_id"],
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            thread_sessions: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "pgtls_session_thread_sessions",
-                        "Sessions on each session thread (listen.workers), including those queued for it.",
-                    ),
-                    &["thread"],
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
+            fleet_info: r.gauges(
+                "pgtls_fleet_info",
+                "1, labelled with this replica's fleet id.",
+                &["replica_id"],
+            )?,
+            thread_sessions: r.gauges(
+                "pgtls_session_thread_sessions",
+                "Sessions on each session thread (listen.workers), including those queued for it.",
+                &["thread"],
+            )?,
             connections_accepted: r.counter("pgtls_connections_accepted_total", "Client connections accepted.")?,
             connections_active: active,
             connections_closed: r.counters(
