@@ -21,33 +21,7 @@ const SESSION_BUCKETS: &[f64] = &[
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14_400.0, 86_400.0,
 ];
 
-/// Closed label sets, documented in README.
-pub mod labels {
-    pub const CLOSE_REASONS: &[&str] = &["client_eof", "backend_eof", "error", "shutdown", "limit"];
-    pub const NEGOTIATION_PATHS: &[&str] = &[
-        "sslrequest",
-        "direct_tls",
-        "gssenc_declined",
-        "plaintext_rejected",
-        "plaintext_allowed",
-        "cancel",
-        "protocol_violation",
-        "early_data",
-    ];
-    pub const TLS_FAILURES: &[&str] = &[
-        "timeout",
-        "unrecognized_name",
-        "no_client_cert",
-        "unknown_ca",
-        "expired",
-        "revoked",
-        "bad_certificate",
-        "alpn_mismatch",
-        "protocol_version",
-        "no_ems",
-        "other",
-    ];
-}
+pub mod labels;
 
 #[derive(Clone)]
 pub struct Metrics {
