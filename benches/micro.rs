@@ -128,14 +128,16 @@ fn bench_rules(c: &mut Criterion) {
 }
 
 /// Drives a client and a server connection to the end of the handshake
-/// through memory buffers.
-fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
+/// through memory buffers; returns the time spent in the server's calls.
+fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) -> std::time::Duration {
+    let mut server_time = std::time::Duration::ZERO;
     let mut buf = Vec::with_capacity(8192);
     while client.is_handshaking() || server.is_handshaking() {
         buf.clear();
         while client.wants_write() {
             client.write_tls(&mut buf).expect("client write");
         }
+        let t = std::time::Instant::now();
         let mut rd = &buf[..];
         while !rd.is_empty() {
             server.read_tls(&mut rd).expect("server read");
@@ -145,6 +147,7 @@ fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
         while server.wants_write() {
             server.write_tls(&mut buf).expect("server write");
         }
+        server_time += t.elapsed();
         let mut rd = &buf[..];
         while !rd.is_empty() {
             client.read_tls(&mut rd).expect("client read");
@@ -161,6 +164,7 @@ fn handshake(client: &mut ClientConnection, server: &mut ServerConnection) {
         client.read_tls(&mut rd).expect("client read");
     }
     client.process_new_packets().expect("client");
+    server_time
 }
 
 /// The proxy's own server config for `cert` and `key`.
@@ -283,29 +287,7 @@ fn bench_tls_server_key(c: &mut Criterion) {
                     let t = std::time::Instant::now();
                     let mut sc = ServerConnection::new(server.clone()).expect("server");
                     server_time += t.elapsed();
-                    let mut buf = Vec::new();
-                    while cc.is_handshaking() || sc.is_handshaking() {
-                        buf.clear();
-                        while cc.wants_write() {
-                            cc.write_tls(&mut buf).expect("client write");
-                        }
-                        let t = std::time::Instant::now();
-                        let mut rd = &buf[..];
-                        while !rd.is_empty() {
-                            sc.read_tls(&mut rd).expect("server read");
-                        }
-                        sc.process_new_packets().expect("server");
-                        buf.clear();
-                        while sc.wants_write() {
-                            sc.write_tls(&mut buf).expect("server write");
-                        }
-                        server_time += t.elapsed();
-                        let mut rd = &buf[..];
-                        while !rd.is_empty() {
-                            cc.read_tls(&mut rd).expect("client read");
-                        }
-                        cc.process_new_packets().expect("client");
-                    }
+                    server_time += handshake(&mut cc, &mut sc);
                 }
                 server_time
             })

@@ -180,33 +180,13 @@ async fn routes_by_server_name_options_and_database() {
     assert!(
         proxy.metric(r#"pgtls_route_sessions_total{route="two",selected_by="server_name"}"#) >= 2.0
     );
-    assert_eq!(
-        proxy
-            .metric_when(
-                r#"pgtls_route_sessions_total{route="tenants",selected_by="server_name"}"#,
-                1.0
-            )
-            .await,
-        1.0
-    );
-    assert_eq!(
-        proxy
-            .metric_when(
-                r#"pgtls_route_sessions_total{route="two",selected_by="options"}"#,
-                1.0
-            )
-            .await,
-        1.0
-    );
-    assert_eq!(
-        proxy
-            .metric_when(
-                r#"pgtls_route_sessions_total{route="tenants",selected_by="database"}"#,
-                1.0
-            )
-            .await,
-        1.0
-    );
+    for series in [
+        r#"pgtls_route_sessions_total{route="tenants",selected_by="server_name"}"#,
+        r#"pgtls_route_sessions_total{route="two",selected_by="options"}"#,
+        r#"pgtls_route_sessions_total{route="tenants",selected_by="database"}"#,
+    ] {
+        assert_eq!(proxy.metric_when(series, 1.0).await, 1.0, "{series}");
+    }
     assert!(
         proxy.metric(r#"pgtls_route_sessions_total{route="default",selected_by="default"}"#) >= 2.0
     );
