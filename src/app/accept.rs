@@ -13,15 +13,13 @@ use tracing::warn;
 
 use crate::conn::{self, Context};
 use crate::sys::fdlimit;
-use crate::sys::stop::Stop;
 use crate::sys::workers::Workers;
 
-/// Where accepted sessions go: a worker thread, tracked for the drain,
-/// closed at once by `force`.
+/// Where accepted sessions go: a worker thread, tracked for the drain
+/// (closed at once by [`Workers::close_all`]).
 pub(super) struct Sessions {
     pub(super) workers: Workers,
     pub(super) tracker: TaskTracker,
-    pub(super) force: Arc<Stop>,
 }
 
 pub(super) async fn accept_loop(
@@ -74,24 +72,12 @@ pub(super) async fn accept_loop(
             }
         };
         let shared = shared.clone();
-        let force = sessions.force.clone();
         // Counted from here, not from when the worker gets to it, so a
         // drain never misses a session still in a worker's queue.
         let tracked = sessions.tracker.token();
-        let spawned = sessions.workers.spawn(move || async move {
-            let _tracked = tracked;
-            let tcp = match tokio::net::TcpStream::from_std(tcp) {
-                Ok(tcp) => tcp,
-                Err(e) => {
-                    warn!("accepted socket unusable: {e}");
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = conn::run(tcp, peer, shared, permit, fd) => {}
-                _ = force.wait() => {}
-            }
-        });
+        let spawned = sessions
+            .workers
+            .spawn(move |live| conn::run(tcp, peer, shared, permit, fd, (tracked, live)));
         if !spawned {
             warn!("no session thread left: closing the connection");
         }

@@ -40,7 +40,6 @@ use crate::sys::fdlimit::{self, FdBudget, FdLimit};
 /// Descriptors kept back from client traffic (admin, reloads, cancels).
 pub use crate::sys::fdlimit::{PER_SESSION_THREAD, RESERVED as RESERVED_DESCRIPTORS};
 use crate::sys::listener::{bind, effective_backlog};
-use crate::sys::stop::Stop;
 use crate::sys::workers::{self, Workers};
 use readiness::{ProxyReadiness, ReadyState};
 
@@ -127,7 +126,6 @@ pub struct Handle {
     /// session of this replica is left to cancel.
     fleet_stop: CancellationToken,
     stop_accepting: CancellationToken,
-    force_close: Arc<Stop>,
     tracker: TaskTracker,
     accept_task: JoinHandle<()>,
     /// Held until the sessions have drained: dropping the last clone stops
@@ -236,7 +234,6 @@ pub async fn serve(
     };
     let slots = Arc::new(Semaphore::new(limit));
     let stop_accepting = CancellationToken::new();
-    let force_close = Arc::new(Stop::new());
     let tracker = TaskTracker::new();
     let accept_task = tokio::spawn(accept::accept_loop(
         listener,
@@ -245,7 +242,6 @@ pub async fn serve(
         accept::Sessions {
             workers: workers.clone(),
             tracker: tracker.clone(),
-            force: force_close.clone(),
         },
         stop_accepting.clone(),
     ));
@@ -269,7 +265,6 @@ pub async fn serve(
         fleet_addr,
         fleet_stop,
         stop_accepting,
-        force_close,
         tracker,
         accept_task,
         workers,
@@ -351,7 +346,7 @@ impl Handle {
                     sessions = self.tracker.len(),
                     "sessions did not stop in 5 s: closing them"
                 );
-                self.force_close.fire();
+                self.workers.close_all();
                 self.tracker.wait().await;
             }
         }
@@ -375,7 +370,7 @@ impl Handle {
         self.admin_stop.cancel();
         self.fleet_stop.cancel();
         self.stop_accepting.cancel();
-        self.force_close.fire();
+        self.workers.close_all();
         let _ = self.accept_task.await;
         self.tracker.close();
         self.tracker.wait().await;

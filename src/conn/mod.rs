@@ -66,40 +66,68 @@ struct Conn<'a> {
 /// Drives one connection. Never panics on peer input; every failure is
 /// logged once, with the reason, here. Cancel-safe: dropping the future
 /// (forced close at shutdown) still settles metrics and the audit event.
-pub async fn run(
-    mut tcp: TcpStream,
+///
+/// An idle session's task holds this future for its whole life, so it is
+/// kept to what the relay needs: an async block rather than an async fn
+/// (which keeps a second copy of its arguments), and every step before the
+/// relay boxed and freed when it ends (`benches/idle_sessions.rs` measures
+/// what that saves).
+///
+/// `tcp` joins the reactor of the thread that polls the future; `held` is
+/// whatever the caller needs kept until the session ends (its drain token,
+/// its place on its thread).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its future"
+)]
+pub fn run<H>(
+    tcp: std::net::TcpStream,
     socket_peer: SocketAddr,
     ctx: Arc<Context>,
     permit: Option<OwnedSemaphorePermit>,
     client_fd: FdPermit,
-) {
-    let _ = tcp.set_nodelay(true);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    // The runtime in force at accept serves this connection to its end,
-    // even across reloads.
-    let rt = ctx.runtime.load_full();
-    // One deadline from accept until the backend is reached.
-    let deadline = Instant::now() + rt.handshake_timeout;
-    // Behind a load balancer the client's address comes first, in a PROXY
-    // header; it is what logs, metrics and the cancel limiter use.
-    let (peer, via) = match &rt.proxy_trusted {
-        None => (socket_peer, None),
-        Some(trusted) => match Box::pin(proxy_protocol::read(&mut tcp, socket_peer, trusted, deadline)).await {
-            Ok(accepted) => {
-                let (peer, label) = match accepted {
-                    proxy_protocol::Accepted::Proxied(client) => (client, "ok"),
-                    proxy_protocol::Accepted::Local => (socket_peer, "local"),
-                };
-                ctx.metrics.proxy_protocol.with_label_values(&[label]).inc();
-                (peer, Some(socket_peer))
-            }
-            Err(why) => {
-                ctx.metrics.proxy_protocol.with_label_values(&[why.as_str()]).inc();
-                tracing::warn!(id, peer = %socket_peer, reason = why.as_str(), "PROXY header refused: {why}");
-                return;
-            }
-        },
-    };
+    held: H,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        // The runtime in force at accept serves this connection to its end,
+        // even across reloads.
+        let rt = ctx.runtime.load_full();
+        // One deadline from accept until the backend is reached.
+        let deadline = Instant::now() + rt.handshake_timeout;
+        let Some((tcp, peer, via)) =
+            Box::pin(client_address(tcp, socket_peer, &ctx, &rt, id, deadline)).await
+        else {
+            return;
+        };
+        let span = session_span(id, peer, via);
+        let mut record = SessionRecord::new(ctx.clone(), rt.default.connector.clone(), id, peer);
+        let conn = Conn {
+            ctx: &ctx,
+            rt: &rt,
+            peer,
+            route: &rt.default,
+            served: &rt.default,
+        };
+        let admitted = permit.is_some();
+        let established = Box::pin(before_relay(tcp, &conn, deadline, admitted, &mut record))
+            .instrument(span.clone())
+            .await;
+        if let Some(established) = established {
+            record.close_reason = relay_session(established, &conn, &mut record)
+                .instrument(span)
+                .await;
+        }
+        drop(permit);
+        drop(client_fd);
+        drop(held);
+    }
+}
+
+/// The span every line about the session is logged in. A function of its
+/// own: the macro borrows `id` and `peer`, which would otherwise stay in
+/// the session's future for its whole life.
+fn session_span(id: u64, peer: SocketAddr, via: Option<SocketAddr>) -> tracing::Span {
     let span = tracing::info_span!(
         "conn",
         id,
@@ -116,40 +144,73 @@ pub async fn run(
     if let Some(via) = via {
         span.record("via", tracing::field::display(via));
     }
-    let mut record = SessionRecord::new(ctx.clone(), rt.default.connector.clone(), id, peer);
-    async {
-        let conn = Conn {
-            ctx: &ctx,
-            rt: &rt,
-            peer,
-            route: &rt.default,
-            served: &rt.default,
-        };
-        // Everything before the relay runs boxed and is freed when the
-        // relay starts: an idle session's task then holds only the relay's
-        // state (benches/idle_sessions.rs measures what that saves).
-        match Box::pin(drive(tcp, &conn, deadline, permit.is_some(), &mut record)).await {
-            Ok(Next::Relay(established)) => {
-                record.close_reason = relay_session(established, &conn, &mut record).await;
-            }
-            Ok(Next::Closed(reason)) => record.close_reason = reason,
-            Err(failed) => {
-                ending::report(&failed.error);
-                record.error = Some(failed.error.kind());
-                record.close_reason = match failed.error {
-                    SessionError::TooManyConnections => CloseReason::Limit,
-                    _ => CloseReason::Error,
-                };
-                if let Some(mut stream) = failed.stream {
-                    Box::pin(ending::end_with(&mut stream, &failed.error)).await;
-                }
+    span
+}
+
+/// The client's address: the socket's, or behind a load balancer the one
+/// its PROXY header names (what logs, metrics and the cancel limiter use),
+/// with the balancer's as `via`. `None` when the header is refused.
+async fn client_address(
+    tcp: std::net::TcpStream,
+    socket_peer: SocketAddr,
+    ctx: &Context,
+    rt: &Runtime,
+    id: u64,
+    deadline: Instant,
+) -> Option<(TcpStream, SocketAddr, Option<SocketAddr>)> {
+    let mut tcp = match TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::warn!(id, peer = %socket_peer, "accepted socket unusable: {e}");
+            return None;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let Some(trusted) = &rt.proxy_trusted else {
+        return Some((tcp, socket_peer, None));
+    };
+    match proxy_protocol::read(&mut tcp, socket_peer, trusted, deadline).await {
+        Ok(accepted) => {
+            let (peer, label) = match accepted {
+                proxy_protocol::Accepted::Proxied(client) => (client, "ok"),
+                proxy_protocol::Accepted::Local => (socket_peer, "local"),
+            };
+            ctx.metrics.proxy_protocol.with_label_values(&[label]).inc();
+            Some((tcp, peer, Some(socket_peer)))
+        }
+        Err(why) => {
+            ctx.metrics.proxy_protocol.with_label_values(&[why.as_str()]).inc();
+            tracing::warn!(id, peer = %socket_peer, reason = why.as_str(), "PROXY header refused: {why}");
+            None
+        }
+    }
+}
+
+/// Everything up to the relay; the established session, or `None` once the
+/// connection has ended (recorded, and the client told why).
+async fn before_relay(
+    tcp: TcpStream,
+    conn: &Conn<'_>,
+    deadline: Instant,
+    admitted: bool,
+    record: &mut SessionRecord,
+) -> Option<Box<Established>> {
+    match drive(tcp, conn, deadline, admitted, record).await {
+        Ok(Next::Relay(established)) => return Some(established),
+        Ok(Next::Closed(reason)) => record.close_reason = reason,
+        Err(failed) => {
+            ending::report(&failed.error);
+            record.error = Some(failed.error.kind());
+            record.close_reason = match failed.error {
+                SessionError::TooManyConnections => CloseReason::Limit,
+                _ => CloseReason::Error,
+            };
+            if let Some(mut stream) = failed.stream {
+                Box::pin(ending::end_with(&mut stream, &failed.error)).await;
             }
         }
     }
-    .instrument(span)
-    .await;
-    drop(permit);
-    drop(client_fd);
+    None
 }
 
 /// What follows negotiation and login. Boxed: the session's task then
@@ -234,28 +295,32 @@ struct Established {
 }
 
 /// The relay, until either side ends it; then how it ended is settled.
-async fn relay_session(
+///
+/// An async block, not an async fn, for the reason [`run`] gives.
+fn relay_session<'a>(
     mut established: Box<Established>,
-    conn: &Conn<'_>,
-    record: &mut SessionRecord,
-) -> CloseReason {
-    record.relay_started = Some(std::time::Instant::now());
-    let Established {
-        client,
-        backend,
-        surplus,
-        _registration: _,
-    } = &mut *established;
-    let options = relay::Options {
-        terminate: Some(&conn.ctx.terminate),
-        idle_timeout: conn.rt.idle_timeout,
-        to_client: std::mem::take(&mut surplus.to_client),
-        to_backend: std::mem::take(&mut surplus.to_backend),
-        progress: Some(conn.ctx.metrics.relay_progress.clone()),
-    };
-    let result = relay::relay(client, &mut **backend, options).await;
-    // The cancel registration ends with `established`, after this.
-    Box::pin(ending::relay_ended(client, result, conn.rt, record)).await
+    conn: &'a Conn<'_>,
+    record: &'a mut SessionRecord,
+) -> impl std::future::Future<Output = CloseReason> + 'a {
+    async move {
+        record.relay_started = Some(std::time::Instant::now());
+        let Established {
+            client,
+            backend,
+            surplus,
+            _registration: _,
+        } = &mut *established;
+        let options = relay::Options {
+            terminate: Some(&conn.ctx.terminate),
+            idle_timeout: conn.rt.idle_timeout,
+            to_client: std::mem::take(&mut surplus.to_client),
+            to_backend: std::mem::take(&mut surplus.to_backend),
+            progress: Some(conn.ctx.metrics.relay_progress.clone()),
+        };
+        let result = relay::relay(client, &mut **backend, options).await;
+        // The cancel registration ends with `established`, after this.
+        Box::pin(ending::relay_ended(client, result, conn.rt, record)).await
+    }
 }
 
 /// Access decision and backend login, until ReadyForQuery reached the

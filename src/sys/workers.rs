@@ -15,14 +15,18 @@
 //! worker with the fewest live sessions.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::sync::Arc;
 
 use prometheus::IntGauge;
 use tokio::sync::mpsc;
 
-/// Work sent to a worker: built on the worker's thread, inside its runtime,
-/// so the sockets it opens or adopts register with that worker's reactor.
-pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+use crate::sys::stop::Stop;
+
+/// Work sent to a worker: run on the worker's thread, inside its runtime,
+/// where it spawns its session (so the session's sockets register with that
+/// worker's reactor, and its future is built in its task, not boxed apart).
+/// It gets the session's place on that worker, to hold until it ends.
+type Job = Box<dyn FnOnce(Live) + Send>;
 
 struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
@@ -33,10 +37,12 @@ struct Worker {
 
 /// Session threads. Dropping every clone of it stops the workers once
 /// their queues are empty; sessions still running on them are dropped
-/// (closed), so keep it until the sessions have drained.
+/// (closed), so keep it until the sessions have drained, or call
+/// [`Workers::close_all`].
 #[derive(Clone)]
 pub struct Workers {
-    workers: std::sync::Arc<[Worker]>,
+    workers: Arc<[Worker]>,
+    closing: Arc<Stop>,
 }
 
 /// The thread count `listen.workers` asks for: 0 means one per CPU the
@@ -52,6 +58,7 @@ pub fn resolve(configured: usize) -> usize {
 /// gives each thread's count of live sessions (by its index).
 pub fn start(configured: usize, gauge: impl Fn(usize) -> IntGauge) -> std::io::Result<Workers> {
     let count = resolve(configured);
+    let closing = Arc::new(Stop::new());
     let mut workers = Vec::with_capacity(count);
     for i in 0..count {
         // I/O and timers only (signals are the main runtime's): two
@@ -66,24 +73,36 @@ pub fn start(configured: usize, gauge: impl Fn(usize) -> IntGauge) -> std::io::R
         let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
         let live = gauge(i);
         let counted = live.clone();
+        let close = closing.clone();
         std::thread::Builder::new()
             .name(format!("pgtls-worker-{i}"))
             .spawn(move || {
-                runtime.block_on(async move {
-                    while let Some(job) = queue.recv().await {
-                        let session = Live(counted.clone());
-                        let run = job();
-                        tokio::spawn(async move {
-                            let _session = session;
-                            run.await;
-                        });
+                runtime.block_on(async {
+                    let closed = close.wait();
+                    tokio::pin!(closed);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            () = &mut closed => break,
+                            job = queue.recv() => match job {
+                                Some(job) => job(Live(counted.clone())),
+                                None => break,
+                            },
+                        }
                     }
                 });
+                // Every session still here is dropped with the runtime, on
+                // this thread: its sockets close and its record settles.
+                // Sessions cost nothing for this until then (no per-session
+                // select on a close signal).
+                drop(queue);
+                runtime.shutdown_background();
             })?;
         workers.push(Worker { jobs, live });
     }
     Ok(Workers {
         workers: workers.into(),
+        closing,
     })
 }
 
@@ -94,16 +113,17 @@ impl Workers {
     }
 
     /// Runs the future `make` builds on the least busy worker; it counts
-    /// as a live session there until it ends. A worker whose thread is
-    /// gone is passed over from then on. False when none is left (only
-    /// while the process is going down): `make` is then dropped.
+    /// as a live session there until it drops the [`Live`] it is given. A
+    /// worker whose thread is gone is passed over from then on. False when
+    /// none is left (only while the process is going down): `make` is then
+    /// dropped.
     pub fn spawn<F, Fut>(&self, make: F) -> bool
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: FnOnce(Live) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut job: Job = Box::new(move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
-            Box::pin(make())
+        let mut job: Job = Box::new(move |live| {
+            tokio::spawn(make(live));
         });
         for _ in 0..self.workers.len() {
             let Some(worker) = self
@@ -116,7 +136,7 @@ impl Workers {
             };
             // Counted now, not when the worker gets to it, so a burst of
             // accepts spreads instead of landing on one idle worker. The
-            // worker's guard takes it back when the session ends.
+            // session's `Live` takes it back when the session ends.
             worker.live.inc();
             match worker.jobs.send(job) {
                 Ok(()) => return true,
@@ -129,6 +149,13 @@ impl Workers {
         false
     }
 
+    /// Closes every session at once (the drain's last resort, and SIGINT):
+    /// each worker drops its runtime, and with it every session on it and
+    /// in its queue. The workers are gone afterwards.
+    pub fn close_all(&self) {
+        self.closing.fire();
+    }
+
     /// Live sessions per worker, in worker order.
     #[cfg(test)]
     fn live(&self) -> Vec<i64> {
@@ -136,8 +163,9 @@ impl Workers {
     }
 }
 
-/// A session's count on its worker, taken back when dropped.
-struct Live(IntGauge);
+/// A session's place on its worker (its count in
+/// `pgtls_session_thread_sessions`), given back when dropped.
+pub struct Live(IntGauge);
 
 impl Drop for Live {
     fn drop(&mut self) {
@@ -162,7 +190,8 @@ mod tests {
         for _ in 0..4 {
             let done = done_tx.clone();
             let mut hold = hold_tx.subscribe();
-            let spawned = workers.spawn(move || async move {
+            let spawned = workers.spawn(move |live| async move {
+                let _live = live;
                 let name = std::thread::current().name().map(str::to_owned);
                 let _ = done.send(name);
                 let _ = hold.recv().await;
@@ -189,6 +218,49 @@ mod tests {
         panic!("sessions still counted: {:?}", workers.live());
     }
 
+    /// The drain's last resort: sessions that never end on their own are
+    /// dropped on their threads (their sockets close, their records settle).
+    #[test]
+    fn close_all_drops_every_session() {
+        struct Dropped(std::sync::mpsc::Sender<Option<String>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.send(std::thread::current().name().map(str::to_owned));
+            }
+        }
+        let workers = start(2, gauge).expect("workers");
+        let (dropped_tx, dropped_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let dropped = Dropped(dropped_tx.clone());
+            let started = started_tx.clone();
+            assert!(workers.spawn(move |live| async move {
+                let _held = (live, dropped);
+                let _ = started.send(());
+                std::future::pending::<()>().await;
+            }));
+        }
+        for _ in 0..4 {
+            started_rx.recv().expect("session started");
+        }
+        assert_eq!(workers.live(), [2, 2]);
+        workers.close_all();
+        let mut threads: Vec<String> = (0..4)
+            .map(|_| {
+                dropped_rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("session dropped")
+                    .expect("on a named thread")
+            })
+            .collect();
+        threads.sort();
+        assert_eq!(
+            threads,
+            ["pgtls-worker-0", "pgtls-worker-0", "pgtls-worker-1", "pgtls-worker-1"]
+        );
+        assert_eq!(workers.live(), [0, 0]);
+    }
+
     #[test]
     fn a_worker_whose_thread_is_gone_is_passed_over() {
         let alive = start(1, gauge).expect("worker");
@@ -200,6 +272,7 @@ mod tests {
         };
         let alive_worker = &alive.workers[0];
         let workers = Workers {
+            closing: alive.closing.clone(),
             workers: vec![
                 gone,
                 Worker {
@@ -210,7 +283,7 @@ mod tests {
             .into(),
         };
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        assert!(workers.spawn(move || async move {
+        assert!(workers.spawn(move |_live| async move {
             let _ = done_tx.send(std::thread::current().name().map(str::to_owned));
         }));
         assert_eq!(
