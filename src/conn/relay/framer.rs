@@ -6,9 +6,12 @@
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Framer {
     header: [u8; 5],
-    have: usize,
-    body_left: usize,
+    /// Header bytes read so far (0 to 5).
+    have: u8,
     last_tag: u8,
+    /// Body bytes still to come: a length word says at most `i32::MAX`.
+    /// Small types: every relayed session holds two of these.
+    body_left: u32,
 }
 
 impl Framer {
@@ -35,13 +38,16 @@ impl Framer {
         let mut off = 0;
         while off < data.len() {
             if self.body_left > 0 {
-                let n = self.body_left.min(data.len() - off);
-                self.body_left -= n;
+                let n = (self.body_left as usize).min(data.len() - off);
+                // n <= body_left, a u32.
+                self.body_left -= n as u32;
                 off += n;
             } else {
-                let n = (5 - self.have).min(data.len() - off);
-                self.header[self.have..self.have + n].copy_from_slice(&data[off..off + n]);
-                self.have += n;
+                let have = usize::from(self.have);
+                let n = (5 - have).min(data.len() - off);
+                self.header[have..have + n].copy_from_slice(&data[off..off + n]);
+                // n <= 5.
+                self.have += n as u8;
                 off += n;
                 if self.have == 5 {
                     let len = i32::from_be_bytes([
@@ -50,7 +56,8 @@ impl Framer {
                         self.header[3],
                         self.header[4],
                     ]);
-                    self.body_left = (len.max(4) - 4) as usize;
+                    // 0 ..= i32::MAX - 4.
+                    self.body_left = (len.max(4) - 4) as u32;
                     self.last_tag = self.header[0];
                     self.have = 0;
                 }

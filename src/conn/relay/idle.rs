@@ -12,9 +12,13 @@ use tokio::time::{Instant, Sleep};
 
 use super::direction::Direction;
 
-pub(super) struct Idleness {
-    /// No timer at all when the timeout is off.
-    timer: Option<(Duration, Pin<Box<Sleep>>)>,
+/// Nothing at all (one pointer) when the timeout is off, the default: an
+/// idle session holds only what it uses.
+pub(super) struct Idleness(Option<Box<Watch>>);
+
+struct Watch {
+    timeout: Duration,
+    timer: Pin<Box<Sleep>>,
     /// Bytes moved either way when the timer last fired.
     moved_at_check: u64,
     /// Client bytes relayed when the backend last said ReadyForQuery.
@@ -25,21 +29,27 @@ pub(super) struct Idleness {
 
 impl Idleness {
     pub(super) fn new(timeout: Option<Duration>) -> Idleness {
-        Idleness {
-            timer: timeout.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
-            moved_at_check: 0,
-            client_bytes_at_ready: 0,
-            backend_bytes_seen: 0,
-        }
+        Idleness(timeout.map(|timeout| {
+            Box::new(Watch {
+                timeout,
+                timer: Box::pin(tokio::time::sleep(timeout)),
+                moved_at_check: 0,
+                client_bytes_at_ready: 0,
+                backend_bytes_seen: 0,
+            })
+        }))
     }
 
     /// Notes, after each round of copying, whether the backend has just
     /// finished a ReadyForQuery.
     pub(super) fn observe(&mut self, up: &Direction, down: &Direction) {
-        if down.total != self.backend_bytes_seen {
-            self.backend_bytes_seen = down.total;
+        let Some(this) = &mut self.0 else {
+            return;
+        };
+        if down.total != this.backend_bytes_seen {
+            this.backend_bytes_seen = down.total;
             if down.after_ready_for_query() {
-                self.client_bytes_at_ready = up.total;
+                this.client_bytes_at_ready = up.total;
             }
         }
     }
@@ -52,22 +62,22 @@ impl Idleness {
         up: &Direction,
         down: &Direction,
     ) -> bool {
-        let Some((timeout, sleep)) = &mut self.timer else {
+        let Some(this) = &mut self.0 else {
             return false;
         };
-        if sleep.as_mut().poll(cx).is_pending() {
+        if this.timer.as_mut().poll(cx).is_pending() {
             return false;
         }
         let moved = up.total + down.total;
-        if moved == self.moved_at_check
+        if moved == this.moved_at_check
             && down.after_ready_for_query()
-            && up.total == self.client_bytes_at_ready
+            && up.total == this.client_bytes_at_ready
         {
             return true;
         }
-        self.moved_at_check = moved;
-        sleep.as_mut().reset(Instant::now() + *timeout);
-        let _ = sleep.as_mut().poll(cx);
+        this.moved_at_check = moved;
+        this.timer.as_mut().reset(Instant::now() + this.timeout);
+        let _ = this.timer.as_mut().poll(cx);
         false
     }
 }

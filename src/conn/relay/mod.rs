@@ -120,114 +120,154 @@ where
         progress,
     } = limits;
     // The login's buffers are freed as soon as their bytes are copied.
-    let up = Direction::new(Flow::ClientToBackend, &to_backend);
-    let down = Direction::new(Flow::BackendToClient, &to_client);
+    let state = State {
+        up: Direction::new(Flow::ClientToBackend, &to_backend),
+        down: Direction::new(Flow::BackendToClient, &to_client),
+        up_done: false,
+        down_done: false,
+        first_eof: None,
+        stopping: None,
+        idle: Idleness::new(idle_timeout),
+        reported: (0, 0),
+        report: None,
+    };
     drop((to_client, to_backend));
-    run(client, backend, up, down, terminate, idle_timeout, progress)
+    run(client, backend, state, terminate, progress)
 }
 
-async fn run<C, B>(
-    client: &mut C,
-    backend: &mut B,
-    mut up: Direction,
-    mut down: Direction,
-    terminate: Option<&crate::sys::stop::Stop>,
-    idle_timeout: Option<Duration>,
+/// What the relay keeps between wake-ups, in one place so its poll borrows
+/// one thing.
+struct State {
+    up: Direction,
+    down: Direction,
+    up_done: bool,
+    down_done: bool,
+    first_eof: Option<Side>,
+    stopping: Option<Ending>,
+    idle: Idleness,
+    /// Bytes last published to `progress`.
+    reported: (u64, u64),
+    /// The next report, set only while bytes move: an idle session is not
+    /// woken every [`RelayProgress::EVERY`] for nothing, nor holds a timer.
+    report: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl State {
+    fn stats(&self, ending: Ending) -> RelayStats {
+        RelayStats {
+            client_to_backend: self.up.total,
+            backend_to_client: self.down.total,
+            first_eof: self.first_eof,
+            client_terminated: self.up.ends_with_terminate(),
+            ending,
+        }
+    }
+}
+
+/// An async block, not an async fn: an async fn would keep a second copy of
+/// its arguments in the future for the session's whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its future"
+)]
+fn run<'a, C, B>(
+    client: &'a mut C,
+    backend: &'a mut B,
+    mut state: State,
+    terminate: Option<&'a crate::sys::stop::Stop>,
     progress: Option<RelayProgress>,
-) -> Result<RelayStats, RelayError>
+) -> impl Future<Output = Result<RelayStats, RelayError>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut reported = (0u64, 0u64);
-    let report = tokio::time::sleep(RelayProgress::EVERY);
-    tokio::pin!(report);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut first_eof = None;
-    let mut stopping: Option<Ending> = None;
-    let terminate = terminate.map(|t| t.wait());
-    tokio::pin!(terminate);
-    let mut idle = Idleness::new(idle_timeout);
-    let stats = |up: &Direction, down: &Direction, first_eof, ending| RelayStats {
-        client_to_backend: up.total,
-        backend_to_client: down.total,
-        first_eof,
-        client_terminated: up.ends_with_terminate(),
-        ending,
-    };
-    let result = poll_fn(|cx| {
-        if let Some(p) = &progress {
-            if report.as_mut().poll(cx).is_ready() {
-                p.publish(&mut reported, up.total, down.total);
-                report
+    async move {
+        let terminate = terminate.map(|t| t.wait());
+        tokio::pin!(terminate);
+        let s = &mut state;
+        let result = poll_fn(|cx| {
+            if let (Some(p), Some(report)) = (&progress, &mut s.report) {
+                if report.as_mut().poll(cx).is_ready() {
+                    p.publish(&mut s.reported, s.up.total, s.down.total);
+                    s.report = None;
+                }
+            }
+            if s.stopping.is_none() {
+                if terminate
                     .as_mut()
-                    .reset(tokio::time::Instant::now() + RelayProgress::EVERY);
-                let _ = report.as_mut().poll(cx);
+                    .as_pin_mut()
+                    .is_some_and(|t| t.poll(cx).is_ready())
+                {
+                    s.stopping = Some(Ending::Terminated);
+                } else if s.idle.poll_expired(cx, &s.up, &s.down) {
+                    s.stopping = Some(Ending::Idle);
+                }
             }
-        }
-        if stopping.is_none() {
-            if terminate
-                .as_mut()
-                .as_pin_mut()
-                .is_some_and(|t| t.poll(cx).is_ready())
+            if let Some(ending) = s.stopping {
+                let done = ready!(s.down.poll_to_boundary(
+                    cx,
+                    Pin::new(&mut *backend),
+                    Pin::new(&mut *client)
+                ));
+                let stats = s.stats(ending);
+                return Poll::Ready(
+                    done.map(|()| stats)
+                        .map_err(|f| f.into_error(Flow::BackendToClient, stats)),
+                );
+            }
+            for flow in [Flow::ClientToBackend, Flow::BackendToClient] {
+                let (done, polled) = match flow {
+                    Flow::ClientToBackend if !s.up_done => (
+                        &mut s.up_done,
+                        s.up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend)),
+                    ),
+                    Flow::BackendToClient if !s.down_done => (
+                        &mut s.down_done,
+                        s.down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client)),
+                    ),
+                    _ => continue,
+                };
+                match polled {
+                    Poll::Ready(Ok(())) => {
+                        *done = true;
+                        s.first_eof.get_or_insert(flow.source());
+                    }
+                    Poll::Ready(Err(f)) => {
+                        let stats = s.stats(Ending::Closed);
+                        return Poll::Ready(Err(f.into_error(flow, stats)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            s.idle.observe(&s.up, &s.down);
+            if s.up_done && s.down_done {
+                return Poll::Ready(Ok(s.stats(Ending::Closed)));
+            }
+            if progress.is_some() && s.report.is_none() && s.reported != (s.up.total, s.down.total)
             {
-                stopping = Some(Ending::Terminated);
-            } else if idle.poll_expired(cx, &up, &down) {
-                stopping = Some(Ending::Idle);
+                // Bytes moved since the last report: the next one in EVERY
+                // (a clock read and a small allocation, at most once per
+                // EVERY).
+                let mut report = Box::pin(tokio::time::sleep(RelayProgress::EVERY));
+                let _ = report.as_mut().poll(cx);
+                s.report = Some(report);
             }
-        }
-        if let Some(ending) = stopping {
-            let done =
-                ready!(down.poll_to_boundary(cx, Pin::new(&mut *backend), Pin::new(&mut *client)));
-            let s = stats(&up, &down, first_eof, ending);
-            return Poll::Ready(
-                done.map(|()| s)
-                    .map_err(|f| f.into_error(Flow::BackendToClient, s)),
+            Poll::Pending
+        })
+        .await;
+        if let Some(p) = &progress {
+            let stats = match &result {
+                Ok(stats) => stats,
+                Err(e) => &e.stats,
+            };
+            p.publish(
+                &mut state.reported,
+                stats.client_to_backend,
+                stats.backend_to_client,
             );
         }
-        for (flow, done) in [
-            (Flow::ClientToBackend, &mut up_done),
-            (Flow::BackendToClient, &mut down_done),
-        ] {
-            if *done {
-                continue;
-            }
-            let polled = match flow {
-                Flow::ClientToBackend => {
-                    up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
-                }
-                Flow::BackendToClient => {
-                    down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
-                }
-            };
-            match polled {
-                Poll::Ready(Ok(())) => {
-                    *done = true;
-                    first_eof.get_or_insert(flow.source());
-                }
-                Poll::Ready(Err(f)) => {
-                    let s = stats(&up, &down, first_eof, Ending::Closed);
-                    return Poll::Ready(Err(f.into_error(flow, s)));
-                }
-                Poll::Pending => {}
-            }
-        }
-        idle.observe(&up, &down);
-        if up_done && down_done {
-            Poll::Ready(Ok(stats(&up, &down, first_eof, Ending::Closed)))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    if let Some(p) = &progress {
-        let s = match &result {
-            Ok(s) => s,
-            Err(e) => &e.stats,
-        };
-        p.publish(&mut reported, s.client_to_backend, s.backend_to_client);
+        result
     }
-    result
 }
 
 #[cfg(test)]
