@@ -153,7 +153,9 @@ impl<T: Clone> CancelRegistry<T> {
         let mut rng = rand::rng();
         let scheme = &self.0.scheme;
         let mut map = self.0.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = map.entry(pid).or_default();
+        // Backend pids rarely repeat (one per route's server at most), so
+        // room for one key: a default Vec would reserve four per session.
+        let entries = map.entry(pid).or_insert_with(|| Vec::with_capacity(1));
         let secret = loop {
             let secret = if long {
                 scheme.long(pid, &mut rng)
