@@ -118,6 +118,10 @@ pub fn run<H>(
                 .instrument(span)
                 .await;
         }
+        // The record settles (metrics, audit event) before the drain token
+        // in `held` goes: a drain that sees no session left has every
+        // session's audit event written.
+        drop(record);
         drop(permit);
         drop(client_fd);
         drop(held);

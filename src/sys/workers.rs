@@ -91,11 +91,17 @@ pub fn start(configured: usize, gauge: impl Fn(usize) -> IntGauge) -> std::io::R
                         }
                     }
                 });
+                // Sessions still queued are closed unstarted (a later send
+                // fails, so the accept loop knows), and their count taken
+                // back.
+                queue.close();
+                while queue.try_recv().is_ok() {
+                    counted.dec();
+                }
                 // Every session still here is dropped with the runtime, on
                 // this thread: its sockets close and its record settles.
                 // Sessions cost nothing for this until then (no per-session
                 // select on a close signal).
-                drop(queue);
                 runtime.shutdown_background();
             })?;
         workers.push(Worker { jobs, live });
