@@ -365,10 +365,12 @@ impl Metrics {
     }
 }
 
-/// Counters the relay adds its bytes to every [`RelayProgress::EVERY`] and once
-/// more when it ends, so that a long COPY or replication stream shows up
-/// in monitoring while it runs. The timer is polled only on wakes the relay
-/// has anyway: no work per message.
+/// Counters the relay adds its bytes to every [`RelayProgress::EVERY`] while
+/// bytes move and once more when it ends, so that a long COPY or
+/// replication stream shows up in monitoring while it runs. The timer is
+/// set only when bytes moved since the last report (an idle session is
+/// not woken for it) and is polled on wakes the relay has anyway: no work
+/// per message.
 #[derive(Clone)]
 pub struct RelayProgress {
     pub client_to_backend: prometheus::IntCounter,

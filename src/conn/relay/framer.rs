@@ -10,7 +10,8 @@ pub struct Framer {
     have: u8,
     last_tag: u8,
     /// Body bytes still to come: a length word says at most `i32::MAX`.
-    /// Small types: every relayed session holds two of these.
+    /// Small types: every relayed session holds one of these (and room for
+    /// one in its other direction).
     body_left: u32,
 }
 

@@ -21,7 +21,7 @@ mod idle;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -153,6 +153,18 @@ struct State {
 }
 
 impl State {
+    /// Before the relay waits: when bytes moved since the last report,
+    /// the next one in EVERY (a clock read and a small allocation, at most
+    /// once per EVERY).
+    fn arm_report(&mut self, reporting: bool, cx: &mut std::task::Context<'_>) {
+        if reporting && self.report.is_none() && self.reported != (self.up.total, self.down.total)
+        {
+            let mut report = Box::pin(tokio::time::sleep(RelayProgress::EVERY));
+            let _ = report.as_mut().poll(cx);
+            self.report = Some(report);
+        }
+    }
+
     fn stats(&self, ending: Ending) -> RelayStats {
         RelayStats {
             client_to_backend: self.up.total,
@@ -204,11 +216,13 @@ where
                 }
             }
             if let Some(ending) = s.stopping {
-                let done = ready!(s.down.poll_to_boundary(
-                    cx,
-                    Pin::new(&mut *backend),
-                    Pin::new(&mut *client)
-                ));
+                let polled =
+                    s.down
+                        .poll_to_boundary(cx, Pin::new(&mut *backend), Pin::new(&mut *client));
+                let Poll::Ready(done) = polled else {
+                    s.arm_report(progress.is_some(), cx);
+                    return Poll::Pending;
+                };
                 let stats = s.stats(ending);
                 return Poll::Ready(
                     done.map(|()| stats)
@@ -243,15 +257,7 @@ where
             if s.up_done && s.down_done {
                 return Poll::Ready(Ok(s.stats(Ending::Closed)));
             }
-            if progress.is_some() && s.report.is_none() && s.reported != (s.up.total, s.down.total)
-            {
-                // Bytes moved since the last report: the next one in EVERY
-                // (a clock read and a small allocation, at most once per
-                // EVERY).
-                let mut report = Box::pin(tokio::time::sleep(RelayProgress::EVERY));
-                let _ = report.as_mut().poll(cx);
-                s.report = Some(report);
-            }
+            s.arm_report(progress.is_some(), cx);
             Poll::Pending
         })
         .await;
@@ -312,6 +318,82 @@ mod tests {
         task.await.expect("join").expect("relay");
         assert_eq!(progress.client_to_backend.get(), 1000);
         assert_eq!(progress.backend_to_client.get(), 6);
+    }
+
+    /// Counts the reads the relay makes from it.
+    struct Counted<S> {
+        inner: S,
+        reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Once its last bytes are published, an idle session is not woken
+    /// again: thousands of idle sessions cost no CPU.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_session_is_not_woken_by_the_progress_timer() {
+        let (mut client_end, client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut client = Counted {
+            inner: client,
+            reads: reads.clone(),
+        };
+        let progress = RelayProgress {
+            client_to_backend: prometheus::IntCounter::new("up", "up").expect("counter"),
+            backend_to_client: prometheus::IntCounter::new("down", "down").expect("counter"),
+        };
+        let options = Options {
+            progress: Some(progress.clone()),
+            ..Options::default()
+        };
+        let task = tokio::spawn(async move { relay(&mut client, &mut backend, options).await });
+        client_end.write_all(&[1u8; 100]).await.expect("write");
+        let mut got = [0u8; 100];
+        backend_end.read_exact(&mut got).await.expect("read");
+        tokio::time::sleep(RelayProgress::EVERY * 2).await;
+        assert_eq!(progress.client_to_backend.get(), 100, "reported once idle");
+        let settled = reads.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(RelayProgress::EVERY * 20).await;
+        assert_eq!(
+            reads.load(std::sync::atomic::Ordering::Relaxed),
+            settled,
+            "no wake-up while idle"
+        );
+        drop(client_end);
+        drop(backend_end);
+        let _ = task.await.expect("join");
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
