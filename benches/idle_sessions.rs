@@ -13,6 +13,10 @@
 //!     SESSIONS=1000,20000,50000 cargo bench --bench idle_sessions
 //!     PROXY=/path/to/pg-tls-proxy cargo bench --bench idle_sessions
 //!
+//! It ends with the CPU the proxy spent over 10 s with every session
+//! open and idle (utime + stime from /proc): an idle session should cost
+//! none.
+//!
 //! Each session holds two descriptors in the proxy (client and backend),
 //! so the largest count is bounded by RLIMIT_NOFILE: 50,000 sessions need
 //! a hard limit of at least 100,128 plus 2 per session thread for the
@@ -90,14 +94,15 @@ fn main() {
         .expect("runtime");
     let ca = CertificateDer::from_pem_file(dir.path().join("ca.crt")).expect("ca.crt");
     let result = rt.block_on(measure(proxy.id(), listen, ca, &counts));
+
     // The proxy goes first: clients closing now would only fill its log.
     stop(&mut proxy);
     let _ = backend.kill();
     let _ = backend.wait();
     match result {
-        Ok((rows, open)) => {
+        Ok((rows, idle_cpu, open)) => {
             drop(open);
-            report(&proxy_bin, &rows)
+            report(&proxy_bin, &rows, idle_cpu)
         }
         Err(e) => {
             eprintln!("idle_sessions: {e}");
@@ -113,12 +118,15 @@ struct Row {
     took: Duration,
 }
 
+/// CPU the proxy spent while every session sat idle: (sessions, ms per s).
+type IdleCpu = Option<(usize, f64)>;
+
 async fn measure(
     pid: u32,
     addr: SocketAddr,
     ca: CertificateDer<'static>,
     counts: &[usize],
-) -> Result<(Vec<Row>, Vec<Session>), String> {
+) -> Result<(Vec<Row>, IdleCpu, Vec<Session>), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).await.is_err() {
         if Instant::now() > deadline {
@@ -165,7 +173,32 @@ async fn measure(
             took: started.elapsed(),
         });
     }
-    Ok((rows, open))
+    // Idle sessions should cost no CPU: nothing to read, no timer due.
+    let window = Duration::from_secs(IDLE_WINDOW_S);
+    let before = cpu_ms(pid);
+    tokio::time::sleep(window).await;
+    let idle_cpu = Some((open.len(), (cpu_ms(pid) - before) / window.as_secs_f64()));
+    Ok((rows, idle_cpu, open))
+}
+
+const IDLE_WINDOW_S: u64 = 10;
+
+/// utime + stime of `pid`, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 * 1000.0 / hz
 }
 
 type Session = tokio_rustls::client::TlsStream<TcpStream>;
@@ -212,7 +245,7 @@ async fn session(
     }
 }
 
-fn report(proxy: &str, rows: &[Row]) {
+fn report(proxy: &str, rows: &[Row], idle_cpu: IdleCpu) {
     println!("proxy: {proxy}");
     println!("| idle TLS sessions | proxy RSS (MiB) | KiB per session (all) | KiB per session (this step) | opened in |");
     println!("|---:|---:|---:|---:|---:|");
@@ -236,6 +269,11 @@ fn report(proxy: &str, rows: &[Row]) {
         println!(
             "before any session: {:.1} MiB",
             r.before_kib as f64 / 1024.0
+        );
+    }
+    if let Some((sessions, ms_per_s)) = idle_cpu {
+        println!(
+            "proxy CPU with {sessions} idle sessions: {ms_per_s:.1} ms per s (over {IDLE_WINDOW_S} s)"
         );
     }
 }
