@@ -281,12 +281,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Bytes show in the counters while the session runs, not only at
-    /// its end, and the final count is exact.
-    #[tokio::test(start_paused = true)]
-    async fn publishes_progress_while_running() {
-        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
-        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+    /// Options that publish to fresh counters, and those counters.
+    fn reporting() -> (RelayProgress, Options<'static>) {
         let progress = RelayProgress {
             client_to_backend: prometheus::IntCounter::new("up", "up").expect("counter"),
             backend_to_client: prometheus::IntCounter::new("down", "down").expect("counter"),
@@ -295,6 +291,16 @@ mod tests {
             progress: Some(progress.clone()),
             ..Options::default()
         };
+        (progress, options)
+    }
+
+    /// Bytes show in the counters while the session runs, not only at
+    /// its end, and the final count is exact.
+    #[tokio::test(start_paused = true)]
+    async fn publishes_progress_while_running() {
+        let (mut client_end, mut client) = tokio::io::duplex(64 * 1024);
+        let (mut backend, mut backend_end) = tokio::io::duplex(64 * 1024);
+        let (progress, options) = reporting();
         let task = tokio::spawn(async move { relay(&mut client, &mut backend, options).await });
         client_end.write_all(&[1u8; 1000]).await.expect("write");
         let mut got = [0u8; 1000];
@@ -370,14 +376,7 @@ mod tests {
             inner: client,
             reads: reads.clone(),
         };
-        let progress = RelayProgress {
-            client_to_backend: prometheus::IntCounter::new("up", "up").expect("counter"),
-            backend_to_client: prometheus::IntCounter::new("down", "down").expect("counter"),
-        };
-        let options = Options {
-            progress: Some(progress.clone()),
-            ..Options::default()
-        };
+        let (progress, options) = reporting();
         let task = tokio::spawn(async move { relay(&mut client, &mut backend, options).await });
         client_end.write_all(&[1u8; 100]).await.expect("write");
         let mut got = [0u8; 100];
