@@ -67,11 +67,13 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{key}: {reason}{}", origin.as_ref().map(|p| format!(" (in {})", p.display())).unwrap_or_default())]
+    #[error("{key}: {reason}{}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
     Invalid {
         key: &'static str,
         reason: String,
-        origin: Option<PathBuf>,
+        /// Where the value came from: "in FILE" or "from environment
+        /// variable PGTLS_…".
+        origin: Option<String>,
     },
 }
 
@@ -108,6 +110,41 @@ fn parse_text(e: &figment::Error) -> String {
     e.to_string().replace("key \"default.", "key \"")
 }
 
+/// `PGTLS_*` variables (`__` between levels; `PGTLS_CONFIG` names the file
+/// and is not a key), named in errors as the operator set them
+/// (`PGTLS_LISTEN__WORKERS`), not as figment's keys (`LISTEN.WORKERS`).
+struct EnvVars(Env);
+
+impl EnvVars {
+    const NAME: &'static str = "the environment";
+
+    fn new() -> EnvVars {
+        EnvVars(Env::prefixed("PGTLS_").split("__").ignore(&["config"]))
+    }
+
+    /// The variable that sets `key` ("listen.workers").
+    fn var(key: &str) -> String {
+        format!("PGTLS_{}", key.replace('.', "__").to_ascii_uppercase())
+    }
+}
+
+impl figment::Provider for EnvVars {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(Self::NAME)
+            .interpolater(|_, keys: &[&str]| EnvVars::var(&keys.join(".")))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        self.0.data()
+    }
+
+    fn profile(&self) -> Option<figment::Profile> {
+        figment::Provider::profile(&self.0)
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` (which must exist), then `PGTLS_*`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -120,10 +157,23 @@ impl Config {
             })?;
             fig = fig.merge(Toml::file_exact(path));
         }
-        // `PGTLS_CONFIG` names the file; it is not a key.
-        fig = fig.merge(Env::prefixed("PGTLS_").split("__").ignore(&["config"]));
+        fig = fig.merge(EnvVars::new());
         let config: Config = fig.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
-        config.validate(file)?;
+        config.validate(file).map_err(|e| match e {
+            // A value set in the environment is not the file's fault.
+            ConfigError::Invalid { key, reason, .. }
+                if fig
+                    .find_metadata(key)
+                    .is_some_and(|m| m.name == EnvVars::NAME) =>
+            {
+                ConfigError::Invalid {
+                    key,
+                    reason,
+                    origin: Some(format!("from environment variable {}", EnvVars::var(key))),
+                }
+            }
+            e => e,
+        })?;
         Ok(config)
     }
 
@@ -141,7 +191,7 @@ impl Config {
         let invalid = |(key, reason): (&'static str, String)| ConfigError::Invalid {
             key,
             reason,
-            origin: origin.map(Path::to_path_buf),
+            origin: origin.map(|p| format!("in {}", p.display())),
         };
         for (key, address) in [
             ("listen.address", &self.listen.address),

@@ -96,11 +96,37 @@ fn config_errors_exit_64() {
     assert_eq!(code, 64);
     assert!(err.contains("/nonexistent/pg-tls-proxy.toml"), "{err}");
 
-    // A bad environment value names the variable's key.
+    // A bad environment value names the variable as it was set.
     let (code, _, err) = run(
         &["check", "--config", f],
         &[("PGTLS_LIMITS__HANDSHAKE_TIMEOUT", "soon")],
     );
     assert_eq!(code, 64);
-    assert!(err.to_lowercase().contains("handshake_timeout"), "{err}");
+    assert!(err.contains("PGTLS_LIMITS__HANDSHAKE_TIMEOUT"), "{err}");
+
+    // A value out of range from the environment blames the variable, not
+    // the file; from the file, the file.
+    let (code, _, err) = run(
+        &["check", "--config", f],
+        &[("PGTLS_LISTEN__WORKERS", "999")],
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("listen.workers")
+            && err.contains("from environment variable PGTLS_LISTEN__WORKERS")
+            && !err.contains("good.toml"),
+        "{err}"
+    );
+    let file = write_file(
+        &path("workers.toml"),
+        &good.replace("[listen]\n", "[listen]\nworkers = 999\n"),
+        0o644,
+        false,
+    );
+    let (code, _, err) = run(&["check", "--config", file.to_str().expect("path")], &[]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("listen.workers") && err.contains("workers.toml"),
+        "{err}"
+    );
 }
