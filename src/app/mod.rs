@@ -143,7 +143,10 @@ pub struct Handle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
     pub sessions_at_start: usize,
-    pub cancelled_queries: usize,
+    /// CancelRequests delivered to the backends of the sessions left at
+    /// the end of the grace period: one per session, whether or not its
+    /// backend was running a query (an idle backend ignores it).
+    pub cancel_requests: usize,
     pub terminated: usize,
 }
 
@@ -322,7 +325,7 @@ impl Handle {
         info!(sessions = sessions_at_start, grace_period = ?self.grace_period, "draining: stopped accepting");
         let mut report = DrainReport {
             sessions_at_start,
-            cancelled_queries: 0,
+            cancel_requests: 0,
             terminated: 0,
         };
         if tokio::time::timeout(self.grace_period, self.tracker.wait())
@@ -330,12 +333,12 @@ impl Handle {
             .is_err()
         {
             report.terminated = self.tracker.len();
-            report.cancelled_queries =
+            report.cancel_requests =
                 crate::backend::cancel::cancel_all(self.shared.cancels.targets()).await;
             warn!(
                 sessions = report.terminated,
-                cancelled_queries = report.cancelled_queries,
-                "grace period over: cancelled running queries, terminating sessions with 57P01"
+                cancel_requests = report.cancel_requests,
+                "grace period over: sent each session's backend a cancel request (running queries stop), terminating sessions with 57P01"
             );
             self.shared.terminate.fire();
             if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())

@@ -49,7 +49,7 @@ async fn drain_then_terminate_with_57p01() {
     let report = shutdown.await.expect("join");
     assert_eq!(report.sessions_at_start, 1);
     assert_eq!(report.terminated, 1);
-    assert_eq!(report.cancelled_queries, 1);
+    assert_eq!(report.cancel_requests, 1);
     assert_eq!(
         codes.last(),
         Some(&("FATAL".to_string(), "57P01".to_string())),
