@@ -56,6 +56,13 @@ pub enum StartError {
     /// The session threads could not be started.
     #[error("listen.workers: cannot start the session threads: {0}")]
     Workers(std::io::Error),
+    /// RLIMIT_NOFILE leaves no descriptor pair for a single session.
+    #[error(
+        "file descriptors: RLIMIT_NOFILE is {soft} (hard limit {hard}) and {reserved} are kept \
+         for the proxy itself: no room for a single session (2 descriptors each); raise it \
+         (systemd LimitNOFILE=, ulimit -n)"
+    )]
+    NoDescriptors { soft: u64, hard: u64, reserved: u64 },
     /// `[fleet]`: the replica id cannot be had or is taken, or a key is unfit.
     #[error("{key}: {reason}")]
     Fleet { key: &'static str, reason: String },
@@ -66,7 +73,7 @@ impl StartError {
     /// when an address cannot be bound.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Bind(_) => 69,
+            StartError::Bind(_) | StartError::NoDescriptors { .. } => 69,
             _ => 64,
         }
     }
@@ -96,6 +103,13 @@ pub fn prepare(config: Config, registry: &Registry) -> Result<Prepared, StartErr
     metrics.set_certificates(&runtime.certificates);
     let fd_limit = FdLimit::raise().with_session_threads(workers::resolve(config.listen.workers));
     metrics.fd_limit.set(fd_limit.soft as i64);
+    if fd_limit.sessions() == 0 {
+        return Err(StartError::NoDescriptors {
+            soft: fd_limit.soft,
+            hard: fd_limit.hard,
+            reserved: fd_limit.reserved,
+        });
+    }
     let max_sessions = fd_limit.admitted(config.limits.max_connections);
     let (fleet, scheme) = fleet::identity(config.fleet.as_ref(), &metrics)?;
     let shared = Arc::new(Context {

@@ -130,3 +130,37 @@ fn config_errors_exit_64() {
         "{err}"
     );
 }
+
+/// A descriptor limit too low for even one session stops the start (69),
+/// instead of a proxy that accepts nothing.
+#[test]
+fn no_room_for_a_session_exits_69() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let config = write_file(
+        &dir.path().join("proxy.toml"),
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{}\"\n[admin]\nenabled = false\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            free_port(),
+            pki.server_chain.display(),
+            pki.server_key.display()
+        ),
+        0o644,
+        false,
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec '{}' check --config '{}'",
+            env!("CARGO_BIN_EXE_pg-tls-proxy"),
+            config.display()
+        ))
+        .output()
+        .expect("run binary");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("RLIMIT_NOFILE is 64") && err.contains("no room for a single session"),
+        "{err}"
+    );
+}
