@@ -17,6 +17,7 @@ pub mod encode;
 pub mod message;
 pub mod packet;
 pub mod replication;
+mod route_option;
 pub mod stream;
 
 pub use message::{Frame, MessageReader};
