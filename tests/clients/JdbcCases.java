@@ -20,8 +20,6 @@ import java.sql.SQLException;
 import java.sql.Statement;
 import java.util.Base64;
 import java.util.Properties;
-import java.util.Timer;
-import java.util.TimerTask;
 import javax.net.ssl.SSLSocket;
 import org.postgresql.PGConnection;
 import org.postgresql.copy.CopyManager;
@@ -160,35 +158,57 @@ public class JdbcCases {
     }
   }
 
+  /**
+   * Until the backend {@code pid} runs a query (pg_stat_activity, from a
+   * second connection), for at most 10 s: a cancel sent before the query
+   * started would hit an idle backend and prove nothing.
+   */
+  static boolean waitActive(int pid) throws SQLException, InterruptedException {
+    try (Connection w = connect(appProps());
+        java.sql.PreparedStatement ps = w.prepareStatement("SELECT state FROM pg_stat_activity WHERE pid = ?")) {
+      ps.setInt(1, pid);
+      long deadline = System.nanoTime() + 10_000_000_000L;
+      while (System.nanoTime() < deadline) {
+        try (ResultSet rs = ps.executeQuery()) {
+          if (rs.next() && "active".equals(rs.getString(1))) return true;
+        }
+        Thread.sleep(50);
+      }
+      return false;
+    }
+  }
+
   static String cancel() throws Exception {
     // Statement.cancel(): pgjdbc opens a new connection and sends the
     // CancelRequest there (in plaintext in 42.5: no SSLRequest).
     try (Connection c = connect(appProps()); Statement st = c.createStatement()) {
-      Timer timer = new Timer(true);
-      timer.schedule(new TimerTask() {
-        public void run() {
-          try {
+      int pid = c.unwrap(PGConnection.class).getBackendPID();
+      final long[] sentAt = {0};
+      Thread canceller = new Thread(() -> {
+        try {
+          if (waitActive(pid)) {
+            sentAt[0] = System.nanoTime();
             st.cancel();
-          } catch (SQLException e) {
-            System.err.println("cancel: " + e);
           }
+        } catch (SQLException | InterruptedException e) {
+          System.err.println("cancel: " + e);
         }
-      }, 1000);
-      long start = System.nanoTime();
+      });
+      canceller.setDaemon(true);
+      canceller.start();
       try {
         st.execute("SELECT pg_sleep(30)");
         return "FAIL pg_sleep(30) finished without being cancelled";
       } catch (SQLException e) {
-        double elapsed = (System.nanoTime() - start) / 1e9;
-        if (!"57014".equals(e.getSQLState()) || elapsed > 10) {
-          return String.format("FAIL %s after %.1f s: %s", e.getSQLState(), elapsed, oneLine(e.getMessage()));
+        canceller.join(15_000);
+        double elapsed = (System.nanoTime() - sentAt[0]) / 1e9;
+        if (!"57014".equals(e.getSQLState()) || sentAt[0] == 0 || elapsed > 10) {
+          return String.format("FAIL %s %.1f s after the cancel: %s", e.getSQLState(), elapsed, oneLine(e.getMessage()));
         }
         one(c, "SELECT 1"); // the session goes on
         System.out.println("ok");
-        System.out.println(String.format("note: Statement.cancel(), 57014 after %.1f s: %s", elapsed, oneLine(e.getMessage())));
+        System.out.println(String.format("note: Statement.cancel(), 57014 %.1f s after it: %s", elapsed, oneLine(e.getMessage())));
         return null;
-      } finally {
-        timer.cancel();
       }
     }
   }

@@ -93,20 +93,34 @@ async def case_refused_cert():
 
 
 async def case_cancel():
-    # asyncpg cancels on a command timeout (or task cancellation): it sends a
+    # asyncpg cancels on task cancellation (or a command timeout): it sends a
     # CancelRequest on a new connection (SSLRequest + TLS, as the session)
-    # and waits for the backend to finish the query. It raises TimeoutError,
-    # not the server's 57014, so the proof is on the server: the backend is
-    # idle again within seconds, not after 30 s.
+    # and waits for the backend to finish the query. The task ends with
+    # CancelledError, not the server's 57014, so the proof is on the server:
+    # the backend is idle again within seconds, not after 30 s.
     conn = await asyncpg.connect(app_dsn(), timeout=10)
     watcher = await asyncpg.connect(app_dsn(), timeout=10)
     try:
         pid = await conn.fetchval("SELECT pg_backend_pid()")
+        running = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+        # Cancel only once the server runs the query: a CancelRequest that
+        # came before it would hit an idle backend and prove nothing.
+        deadline = time.monotonic() + 10
+        state = None
+        while time.monotonic() < deadline and not running.done():
+            state = await watcher.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid)
+            if state == "active":
+                break
+            await asyncio.sleep(0.05)
+        if state != "active":
+            running.cancel()
+            return f"FAIL pg_sleep(30) never showed as active (state {state})"
         start = time.monotonic()
+        running.cancel()
         try:
-            await conn.execute("SELECT pg_sleep(30)", timeout=1.0)
-            return "FAIL pg_sleep(30) finished despite the timeout"
-        except asyncio.TimeoutError:
+            await running
+            return "FAIL pg_sleep(30) finished despite the cancellation"
+        except asyncio.CancelledError:
             pass
         state = None
         while time.monotonic() - start < 10:
@@ -123,7 +137,7 @@ async def case_cancel():
         await watcher.close()
         await conn.close()
     print("ok")
-    print(f"note: timeout=1.0 -> CancelRequest; backend idle again after {elapsed:.1f} s ({state})")
+    print(f"note: task.cancel() -> CancelRequest; backend idle again {elapsed:.1f} s after it ({state})")
 
 
 async def case_copy():

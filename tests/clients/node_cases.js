@@ -51,6 +51,24 @@ function tlsOf(client) {
   return `${s.getProtocol()} ${s.getCipher().standardName} alpn=${s.alpnProtocol || '-'}`
 }
 
+// Until the backend `pid` runs a query (pg_stat_activity, from a second
+// connection), for at most 10 s.
+async function waitActive(pid) {
+  const watcher = new pg.Client(config())
+  await watcher.connect()
+  try {
+    const deadline = Date.now() + 10000
+    while (Date.now() < deadline) {
+      const { rows } = await watcher.query('SELECT state FROM pg_stat_activity WHERE pid = $1', [pid])
+      if (rows.length && rows[0].state === 'active') return true
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+    return false
+  } finally {
+    await watcher.end()
+  }
+}
+
 async function login(direct) {
   const client = new pg.Client(config({ direct }))
   await client.connect()
@@ -111,16 +129,21 @@ const cases = {
         query.on('error', (e) => resolve(e))
         query.on('end', () => resolve(null))
       })
+      // Cancel only once the server runs the query (read from a second
+      // connection): a CancelRequest that came before it would hit an idle
+      // backend and prove nothing.
+      if (!(await waitActive(client.processID))) {
+        return 'FAIL pg_sleep(30) never showed as active'
+      }
       const start = Date.now()
-      const timer = setTimeout(() => new pg.Client(config()).cancel(client, query), 1000)
+      new pg.Client(config()).cancel(client, query)
       const err = await done
-      clearTimeout(timer)
       const elapsed = (Date.now() - start) / 1000
       if (!err) return 'FAIL pg_sleep(30) finished without being cancelled'
-      if (err.code !== '57014' || elapsed > 10) return `FAIL ${err.code} after ${elapsed.toFixed(1)} s: ${oneLine(err.message)}`
+      if (err.code !== '57014' || elapsed > 10) return `FAIL ${err.code} ${elapsed.toFixed(1)} s after the cancel: ${oneLine(err.message)}`
       await client.query('SELECT 1') // the session goes on
       console.log('ok')
-      console.log(`note: new Client().cancel(client, query), 57014 after ${elapsed.toFixed(1)} s: ${oneLine(err.message)}`)
+      console.log(`note: new Client().cancel(client, query), 57014 ${elapsed.toFixed(1)} s after it: ${oneLine(err.message)}`)
     } finally {
       await client.end()
     }

@@ -48,12 +48,23 @@ cancel)
   # psql's SIGINT handler sends a CancelRequest (libpq <= 16: PQcancel, in
   # plaintext on a new connection; 17+: over TLS).
   err=$PGT_TMP/psql-cancel.err
-  start=$(date +%s.%N)
   # psql itself in the background (not the psql_ function, whose subshell
   # would get the signal): $! is then psql's pid.
   PGPASSWORD=$PGT_PASSWORD psql -X -q -v VERBOSITY=verbose "$app" -c 'SELECT pg_sleep(30)' >/dev/null 2>"$err" &
   pid=$!
-  sleep 2
+  # SIGINT only once the server runs the query (a second connection reads
+  # pg_stat_activity): a SIGINT that came before psql had sent it would
+  # prove nothing, and psql would just exit.
+  active=0
+  for _ in $(seq 100); do
+    n=$(PGPASSWORD=$PGT_PASSWORD psql_ "$app" -c \
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'" 2>/dev/null)
+    [ "${n:-0}" -ge 1 ] && { active=1; break; }
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ "$active" = 1 ] || { kill "$pid" 2>/dev/null; wait "$pid"; fail "pg_sleep(30) never showed as active: $(oneline < "$err")"; }
+  start=$(date +%s.%N)
   kill -INT "$pid"
   wait "$pid"; rc=$?
   elapsed=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{print a-b}')
@@ -62,7 +73,7 @@ cancel)
   echo "$msg" | grep -q '57014' || fail "no 57014 after SIGINT (exit $rc): $msg"
   awk -v e="$elapsed" 'BEGIN{exit !(e < 10)}' || fail "cancel took ${elapsed}s"
   echo ok
-  echo "note: $(printf '%.1f' "$elapsed") s, $msg"
+  echo "note: 57014 $(printf '%.1f' "$elapsed") s after SIGINT: $msg"
   ;;
 copy)
   # COPY FROM STDIN (\copy) of PGT_COPY_ROWS rows, then COPY TO STDOUT back.

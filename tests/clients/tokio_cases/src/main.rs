@@ -224,18 +224,38 @@ async fn cancel() -> R {
     // sslmode, so SSLRequest + TLS, then the CancelRequest.
     let tls = tls(None)?;
     let client = connect(&app(), &tls).await?;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let watcher = connect(&app(), &tls).await?;
     let token = client.cancel_token();
     let connector = tls.connect.clone();
+    // Cancel only once the server runs the query (read from a second
+    // connection): a CancelRequest that came before it would hit an idle
+    // backend and prove nothing.
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        token.cancel_query(connector).await
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let row = watcher
+                .query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await?;
+            if row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some("active") {
+                let sent = Instant::now();
+                token.cancel_query(connector).await?;
+                return Ok(Some(sent));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, tokio_postgres::Error>(None)
     });
-    let start = Instant::now();
     let result = client.batch_execute("SELECT pg_sleep(30)").await;
-    let elapsed = start.elapsed().as_secs_f64();
-    if let Err(e) = canceller.await? {
-        return Ok(Some(format!("FAIL cancel_query: {}", chain(&e))));
-    }
+    let sent = match canceller.await? {
+        Err(e) => return Ok(Some(format!("FAIL cancel_query: {}", chain(&e)))),
+        Ok(None) => return Ok(Some("FAIL pg_sleep(30) never showed as active".into())),
+        Ok(Some(sent)) => sent,
+    };
+    let elapsed = sent.elapsed().as_secs_f64();
     match result {
         Ok(()) => Ok(Some(
             "FAIL pg_sleep(30) finished without being cancelled".into(),
@@ -244,12 +264,15 @@ async fn cancel() -> R {
             client.query_one("SELECT 1", &[]).await?; // the session goes on
             println!("ok");
             println!(
-                "note: CancelToken::cancel_query(tls), 57014 after {elapsed:.1} s: {}",
+                "note: CancelToken::cancel_query(tls), 57014 {elapsed:.1} s after it: {}",
                 chain(&e)
             );
             Ok(None)
         }
-        Err(e) => Ok(Some(format!("FAIL after {elapsed:.1} s: {}", chain(&e)))),
+        Err(e) => Ok(Some(format!(
+            "FAIL {elapsed:.1} s after the cancel: {}",
+            chain(&e)
+        ))),
     }
 }
 
