@@ -215,7 +215,7 @@ mod tests {
         );
         assert_eq!(workers.live(), [2, 2]);
         drop(hold_tx);
-        for _ in 0..200 {
+        for _ in 0..2000 {
             if workers.live() == [0, 0] {
                 return;
             }

@@ -230,6 +230,43 @@ impl PgCluster {
         run(&mut cmd).map(|out| out.trim_end_matches('\n').to_string())
     }
 
+    /// Waits (up to 10 s) until a backend runs `query` (pg_stat_activity's
+    /// `state = 'active'` and that exact text), read over the unix socket.
+    /// A test that cancels or drains a running query waits for it here: a
+    /// fixed sleep races the query on a busy machine, and a cancel that
+    /// arrives before the query does hits an idle backend and proves nothing.
+    /// Panics when the query never shows up.
+    pub async fn wait_active(&self, query: &str) {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{}'",
+            query.replace('\'', "''")
+        );
+        let (sock, port) = (self.sock.clone(), self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (sock, sql) = (sock.clone(), sql.clone());
+            // psql is a child process: off the runtime's threads, so the
+            // test's own futures (the query being waited for) keep running.
+            let seen = tokio::task::spawn_blocking(move || {
+                let mut cmd = Command::new(pg_bin("psql"));
+                clear_pg_env(&mut cmd).arg("-h").arg(&sock);
+                cmd.args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"]);
+                cmd.args(["-X", "-At", "-c", &sql]);
+                run(&mut cmd).map(|out| out.trim() != "0")
+            })
+            .await
+            .expect("psql task");
+            if seen == Ok(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query:?} did not show as active in pg_stat_activity within 10 s ({seen:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The server log so far; connections and disconnections are logged.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log)

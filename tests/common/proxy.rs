@@ -89,13 +89,26 @@ impl TestProxy {
     }
 
     /// [`metric`](Self::metric) once it reads `want`, or its value after
-    /// 5 s: a session records how it ended on its own thread, a moment
+    /// 10 s: a session records how it ended on its own thread, a moment
     /// after its client saw the end.
     pub async fn metric_when(&self, series: &str, want: f64) -> f64 {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let value = self.metric(series);
             if value == want || tokio::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// [`metric`](Self::metric) once it reads at least `min`, or its value
+    /// after 10 s (for counts that grow by more than one step).
+    pub async fn metric_at_least(&self, series: &str, min: f64) -> f64 {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let value = self.metric(series);
+            if value >= min || tokio::time::Instant::now() >= deadline {
                 return value;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -30,8 +30,8 @@ def metric(series):
     total = 0.0
     for port in admin_ports:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-        except OSError:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        except ConnectionRefusedError:
             continue  # a drained replica
         for line in text.splitlines():
             name, _, value = line.rpartition(" ")
@@ -56,11 +56,33 @@ def run_query(conn, seconds, out):
 
 
 def started(conn, seconds):
+    """The query in a thread, returned once the server runs it (read from a
+    second connection): a cancel that came before it would hit an idle
+    backend and prove nothing, a fixed wait races it on a busy machine."""
     out = []
+    pid = conn.info.backend_pid
     t = threading.Thread(target=run_query, args=(conn, seconds, out))
     t.start()
-    time.sleep(0.7)
-    return t, out
+    with psycopg.connect(conninfo, autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and t.is_alive():
+            row = watcher.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            if row and row[0] == "active":
+                return t, out
+            time.sleep(0.05)
+    fail(f"pg_sleep({seconds}) never showed as active: {out}")
+
+
+def deltas(base, want):
+    """Each series' increase over `base`, once every one has reached `want`
+    or after 10 s: a replica counts a cancel a moment after the client saw
+    its 57014."""
+    deadline = time.monotonic() + 10
+    while True:
+        got = [metric(series) - b for series, b in base]
+        if all(g >= w for g, w in zip(got, want)) or time.monotonic() >= deadline:
+            return got
+        time.sleep(0.05)
 
 
 def fail(why):
@@ -82,8 +104,7 @@ def cancel_case(extra, how):
     took = (time.monotonic() - began) * 1000
     if out != ["57014"]:
         fail(f"query not cancelled: {out or 'still running'}")
-    time.sleep(0.3)
-    peer, recv = metric(PEER) - peer0, metric(RECEIVED) - recv0
+    peer, recv = deltas([(PEER, peer0), (RECEIVED, recv0)], [1, 1])
     if peer != 1 or recv != 1:
         fail(f"the cancel was not sent on between replicas (peer +{peer:g}, received +{recv:g})")
     print(f"57014 via another replica in {took:.0f} ms, protocol {version // 10000}.{version % 100}, pid {conn.info.backend_pid}")
@@ -115,7 +136,7 @@ def forged_case():
     t.join(15)
     if out != ["completed"]:
         fail(f"a forged key cancelled the query: {out or 'still running'}")
-    forged = metric(FORGED) - forged0
+    (forged,) = deltas([(FORGED, forged0)], [3])
     if forged != 3:
         fail(f"forged 3.2 keys counted {forged:g} times, expected 3")
     print(f"6 forged keys for pid {pid}: query completed, 3 dropped as forged")

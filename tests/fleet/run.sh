@@ -123,8 +123,14 @@ defaults
   timeout connect 2s
   timeout client 30s
   timeout server 30s
+  timeout check 5s
   retries 3
   option redispatch
+listen stats
+  mode http
+  bind 127.0.0.1:$stats_port
+  stats enable
+  stats uri /stats
 frontend pg
   bind 127.0.0.1:$lb_port
   default_backend replicas
@@ -140,13 +146,14 @@ CONF
 haproxy -c -f "$work/haproxy.cfg" >/dev/null || die "haproxy config check failed"
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 haproxy_pid=$!
-for _ in $(seq 50); do
-  ready=0
-  for i in 0 1 2; do curl -sf "http://127.0.0.1:${aport[$i]}/ready" >/dev/null && ready=$((ready + 1)); done
-  [ "$ready" = 3 ] && (exec 3<>"/dev/tcp/127.0.0.1/$lb_port") 2>/dev/null && break
+# Until HAProxy's own health checks (`rise 2`) have all three replicas UP.
+up=0
+for _ in $(seq 150); do
+  up=$(curl -sf "http://127.0.0.1:$stats_port/stats;csv" | awk -F, '$1 == "replicas" && $2 ~ /^r[0-9]$/ && $18 == "UP"' | wc -l)
+  [ "$up" = 3 ] && break
   sleep 0.2
 done
-sleep 1   # HAProxy's checks need `rise 2`
+[ "$up" = 3 ] || die "HAProxy did not see the three replicas UP within 30 s ($up UP)"
 log "HAProxy $(haproxy -v | head -n 1 | awk '{print $3}') on 127.0.0.1:$lb_port -> replicas ${dport[*]} -> PostgreSQL 127.0.0.1:$pg_port"
 
 passed=0; failed=0
@@ -177,7 +184,17 @@ t.close()
 print(me)
 PY
 ) || cport=""
-sleep 0.5
+# until_found N PATTERN FILE...: the replica writes its audit line a moment
+# after the client has gone (up to 10 s).
+until_found() {
+  local n=$1 pattern=$2; shift 2
+  for _ in $(seq 100); do
+    [ "$(cat "$@" | grep -c -- "$pattern")" -ge "$n" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+until_found 1 "session ended.*peer=127.0.0.1:$cport " "$work"/r?.log
 line=$(grep -h "session ended" "$work"/r?.log | grep "peer=127.0.0.1:$cport " | head -n 1)
 via=$(printf '%s' "$line" | sed -n 's/.* via=\(127\.0\.0\.1:[0-9]*\).*/\1/p')
 if [ -n "$cport" ] && [ -n "$line" ] && [ -n "$via" ] && [ "$via" != "127.0.0.1:$cport" ]; then
@@ -187,8 +204,9 @@ else
 fi
 
 # round-robin: 6 sessions, each replica served some.
+ended_before=$(cat "$work"/r?.log | grep -c "session ended")
 for _ in 1 2 3 4 5 6; do psql -X -q -At "$conn" -c "SELECT 1" >/dev/null 2>&1; done
-sleep 0.5
+until_found $((ended_before + 6)) "session ended" "$work"/r?.log
 counts=""; spread=1
 for i in 0 1 2; do
   n=$(grep -c "session ended" "$work/r$i.log"); counts+="r$i=$n "
@@ -208,7 +226,7 @@ done
 
 # cancel-audit: the audit events say what became of each cancel, and which
 # protocol the sessions spoke.
-sleep 0.5
+until_found 4 'session ended.*cancel="\?peer' "$work"/r?.log
 peers=$(grep -h "session ended" "$work"/r?.log | grep -c 'cancel="\?peer')
 v32=$(grep -h "session ended" "$work"/r?.log | grep -c 'protocol=3\.2')
 if [ "$peers" -ge 4 ] && [ "$v32" -ge 2 ]; then

@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 /// Runs psql in a pseudo-terminal, starts `SELECT pg_sleep(60)`, presses
 /// Ctrl-C after a second, and returns everything psql printed.
 const PTY_SCRIPT: &str = r#"
-import os, pty, sys, time, select
-psql, conn = sys.argv[1], sys.argv[2]
+import os, pty, subprocess, sys, time, select
+psql, conn, sock, port = sys.argv[1:5]
 pid, fd = pty.fork()
 if pid == 0:
     os.execv(psql, [psql, "-X", conn])
@@ -34,9 +34,20 @@ def pump(seconds):
                 out += os.read(fd, 4096)
             except OSError:
                 return
-pump(1.5)
+def running():
+    # The server's view, over its unix socket: Ctrl-C only once the query
+    # runs (a fixed wait races it on a busy machine).
+    out = subprocess.run([psql, "-X", "-At", "-h", sock, "-p", port, "-U", "postgres", "-d", "postgres",
+                          "-c", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                "AND query LIKE 'SELECT pg_sleep(60)%'"], capture_output=True, text=True)
+    return out.stdout.strip() not in ("", "0")
+deadline = time.time() + 15
+while b"=>" not in out and time.time() < deadline:
+    pump(0.1)
 os.write(fd, b"\\timing on\nSELECT pg_sleep(60);\n")
-pump(1.5)
+deadline = time.time() + 15
+while not running() and time.time() < deadline:
+    pump(0.1)
 os.write(fd, b"\x03")
 deadline = time.time() + 10
 while b"canceling statement" not in out and time.time() < deadline:
@@ -60,13 +71,16 @@ async fn psql_ctrl_c_and_wrong_keys() {
         pki.root_cert.display()
     );
     let psql = pg_bin("psql");
+    let (sock, port) = (pg.socket_dir(), pg.port().to_string());
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = Command::new("python3");
         clear_pg_env(&mut cmd)
             .arg("-c")
             .arg(PTY_SCRIPT)
             .arg(psql)
-            .arg(conn);
+            .arg(conn)
+            .arg(sock)
+            .arg(port);
         cmd.output().expect("python3 pty")
     })
     .await

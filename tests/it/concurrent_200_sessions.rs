@@ -59,7 +59,7 @@ async fn concurrent_200_sessions() {
     }
     assert_eq!(pids.len(), SESSIONS, "one backend per session");
     drop(clients);
-    for _ in 0..100 {
+    for _ in 0..400 {
         // A thread's count drops a moment after the session's record.
         if proxy.metric("pgtls_connections_active") == 0.0
             && (0..4).map(per_thread).sum::<f64>() == 0.0

@@ -42,6 +42,11 @@ fn fleet_config(base: &Config, f: &FleetFiles, id: u8, listen: u16, peers: &[u16
         ca: vec![f.pki.root_cert.clone()],
         server_name: Some("replica.fleet.test".into()),
         cancel_key: Some(SecretSource::File(f.key_file.clone())),
+        // Generous on a busy machine: the start-up probes must answer in
+        // time, and no periodic refresh may meet a replica the test starts
+        // later before the test looks.
+        timeout: Duration::from_secs(10),
+        refresh_interval: Duration::from_secs(3600),
         ..Fleet::default()
     });
     c
@@ -65,7 +70,7 @@ async fn send_cancel(addr: std::net::SocketAddr, packet: &[u8]) {
 }
 
 async fn wait_for(proxy: &TestProxy, series: &str, value: f64) {
-    for _ in 0..100 {
+    for _ in 0..200 {
         if proxy.metric(series) >= value {
             return;
         }
@@ -112,7 +117,7 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
         .expect("connect through B");
     let token = client.cancel_token();
     let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.wait_active("SELECT pg_sleep(30)").await;
     let tcp = TcpStream::connect(a.addr).await.expect("connect A");
     token
         .cancel_query_raw(tcp, tokio_postgres::NoTls)
@@ -174,7 +179,7 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     tls.write_all(&query_message("SELECT pg_sleep(1.5)"))
         .await
         .expect("query");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.wait_active("SELECT pg_sleep(1.5)").await;
     let mut forged = packet.clone();
     forged[43] ^= 1;
     send_cancel(b.addr, &forged).await;
@@ -211,7 +216,7 @@ async fn cancels_reach_the_replica_that_issued_the_key() {
     tls.write_all(&query_message("SELECT pg_sleep(30)"))
         .await
         .expect("query");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.wait_active("SELECT pg_sleep(30)").await;
     send_cancel(b.addr, &packet).await;
     let answer = tokio::time::timeout(Duration::from_secs(10), read_until_ready(&mut tls))
         .await

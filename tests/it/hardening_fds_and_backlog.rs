@@ -141,16 +141,26 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
             raw.push(s);
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let admin_url = format!("http://{admin}");
-    let (status, metrics) = http("GET", &format!("{admin_url}/metrics")).await;
-    assert_eq!(status, 200, "the reserve keeps /metrics answering");
-    let value = |series: &str| {
+    let value_in = |metrics: &str, series: &str| {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    // Scraped until the refusals show (the accept loop meets them a moment
+    // after the connects returned), for at most 10 s.
+    let exhausted = r#"pgtls_fd_exhausted_total{stage="accept"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (status, metrics) = http("GET", &format!("{admin_url}/metrics")).await;
+        assert_eq!(status, 200, "the reserve keeps /metrics answering");
+        if value_in(&metrics, exhausted) >= 1.0 || tokio::time::Instant::now() >= deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |series: &str| value_in(&metrics, series);
     assert!(
         value(r#"pgtls_fd_exhausted_total{stage="accept"}"#) >= 1.0,
         "{metrics}"
@@ -162,14 +172,24 @@ async fn descriptor_budget_refuses_clearly_and_keeps_admin_alive() {
     );
     let (status, body) = http("GET", &format!("{admin_url}/ready")).await;
     assert_eq!(status, 200, "the backend is not blamed: {body}");
-    // The warning is logged, but not once per refused client.
-    while let Ok(line) = rx.try_recv() {
-        log.push(line);
+    // The warning is logged (its line may reach us a moment after the
+    // counter moved), but not once per refused client.
+    let warned = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains("out of file descriptors"))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Ok(line) = rx.try_recv() {
+            log.push(line);
+        }
+        if warned(&log) >= 1 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let warnings = log
-        .iter()
-        .filter(|l| l.contains("out of file descriptors"))
-        .count();
+    let warnings = warned(&log);
     assert!(
         (1..=2).contains(&warnings),
         "{warnings} warnings:\n{}",

@@ -62,7 +62,7 @@ async fn limits() {
     // max_handshakes_in_flight = 1, with a stalled handshake holding it.
     let mut c = config(&pki, &pg.address());
     c.limits.max_handshakes_in_flight = 1;
-    c.limits.handshake_timeout = Duration::from_secs(2);
+    c.limits.handshake_timeout = Duration::from_secs(4);
     let proxy = TestProxy::start(c).await;
     let mut stalled = TcpStream::connect(proxy.addr).await.expect("connect");
     stalled.write_all(&SSL_REQUEST).await.expect("ssl");
@@ -76,9 +76,17 @@ async fn limits() {
     let mut hello = Vec::new();
     conn.write_tls(&mut hello).expect("ClientHello");
     stalled.write_all(&hello).await.expect("send hello");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(proxy.metric("pgtls_tls_handshakes_in_flight"), 1.0);
-    // The second client waits for the permit, then succeeds.
+    assert_eq!(
+        proxy
+            .metric_when("pgtls_tls_handshakes_in_flight", 1.0)
+            .await,
+        1.0
+    );
+    // The second client waits for the permit, then succeeds. Its own
+    // handshake deadline runs from its accept, the wait included: it comes
+    // 2.5 s after the stalled one, so it has about that long left once the
+    // stalled handshake's 4 s are up (a busy machine needs the margin).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let out = psql(
         &verify_full(proxy.port(), "bob", &pki.root_cert),
         None,

@@ -77,9 +77,11 @@ level = "debug"
     // A session that stays open while we SIGTERM.
     let held = tokio::spawn({
         let conn = conn.clone();
-        async move { psql(&conn, Some("TopSecret-Password-42"), "SELECT pg_sleep(1.5)").await }
+        async move { psql(&conn, Some("TopSecret-Password-42"), "SELECT pg_sleep(6)").await }
     });
     wait_for(&mut rx, &mut lines, "session established").await;
+    // SIGTERM while the query runs (an idle session would be ended at once).
+    pg.wait_active("SELECT pg_sleep(6)").await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -115,6 +115,18 @@ async fn metrics_after_real_sessions() {
     assert!(down_metrics
         .contains("pgtls_backend_connects_total{result=\"connect\",sslmode=\"disable\"} 1"));
 
+    // Each session settles its counters on its own thread, a moment after
+    // its client saw the end.
+    proxy
+        .metric_when(r#"pgtls_connections_closed_total{reason="error"}"#, 5.0)
+        .await;
+    proxy
+        .metric_when(
+            r#"pgtls_connections_closed_total{reason="client_eof"}"#,
+            1.0,
+        )
+        .await;
+    proxy.metric_when("pgtls_connections_active", 0.0).await;
     let (status, body) = http("GET", &format!("{}/metrics", proxy.admin_url())).await;
     assert_eq!(status, 200);
     let has = |line: &str| {

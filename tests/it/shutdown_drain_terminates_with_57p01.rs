@@ -25,14 +25,19 @@ async fn drain_then_terminate_with_57p01() {
     tls.write_all(&query_message("SELECT pg_sleep(60)"))
         .await
         .expect("query");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    pg.wait_active("SELECT pg_sleep(60)").await;
 
     let shutdown = tokio::spawn(proxy.shutdown());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "no new connections while draining"
-    );
+    // The listener closes as soon as the drain has begun (polled: the
+    // spawned shutdown may take a moment to get there on a busy machine).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new connections while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Everything the client receives until the connection closes.
     let mut codes = Vec::new();
