@@ -387,8 +387,10 @@ impl Handle {
         self.admin_stop.cancel();
         self.fleet_stop.cancel();
         self.stop_accepting.cancel();
-        self.workers.close_all();
+        // The accept loop first (it hands its listen backlog to the session
+        // threads as it stops), then every session, those included.
         let _ = self.accept_task.await;
+        self.workers.close_all();
         self.tracker.close();
         self.tracker.wait().await;
     }

@@ -15,31 +15,16 @@ async fn sigterm_lets_running_query_finish() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
     let pg = PgCluster::with_trust_roles(&["bob"]);
-    let toml = format!(
-        "[listen]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
-        pki.server_chain.display(),
-        pki.server_key.display(),
-        pg.address()
-    );
-    let file = write_file(&dir.path().join("proxy.toml"), &toml, 0o644, false);
-    let (mut child, mut rx) = common::proxy::spawn_logged(
-        Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "info"),
-    );
-    let port = wait_for(&mut rx, "listening local_addr").await.port();
+    let (mut child, mut rx, addr) = start(dir.path(), &pki, &pg).await;
+    let port = addr.port();
 
     let conn = format!("host=localhost port={port} user=bob dbname=postgres sslmode=require");
     let client = tokio_pg(&conn, &pki.root_cert).await.expect("connect");
     let query = tokio::spawn(async move {
-        let r = client
-            .simple_query("SELECT pg_sleep(1.5)")
-            .await
-            .map(|_| ());
+        let r = client.simple_query("SELECT pg_sleep(3)").await.map(|_| ());
         (r, client)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.wait_active("SELECT pg_sleep(3)").await;
     let pid = child.id().to_string();
     Command::new("kill")
         .args(["-TERM", &pid])
@@ -64,11 +49,34 @@ async fn sigterm_lets_running_query_finish() {
     assert!(status.success(), "exit status {status}");
 }
 
+type Log = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+/// The real binary (20 s grace period) in front of `pg`; its log lines and
+/// its listening address.
+async fn start(
+    dir: &std::path::Path,
+    pki: &Pki,
+    pg: &PgCluster,
+) -> (common::proxy::Spawned, Log, std::net::SocketAddr) {
+    let toml = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend]\naddress = \"{}\"\n[shutdown]\ngrace_period = \"20s\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        pki.server_chain.display(),
+        pki.server_key.display(),
+        pg.address()
+    );
+    let file = write_file(&dir.join("proxy.toml"), &toml, 0o644, false);
+    let (child, mut rx) = common::proxy::spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_pg-tls-proxy"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info"),
+    );
+    let addr = wait_for(&mut rx, "listening local_addr").await;
+    (child, rx, addr)
+}
+
 /// Waits for a log line; returns the address in it, if any.
-async fn wait_for(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    needle: &str,
-) -> std::net::SocketAddr {
+async fn wait_for(rx: &mut Log, needle: &str) -> std::net::SocketAddr {
     tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = rx.recv().await {
             if line.contains(needle) {
@@ -83,4 +91,52 @@ async fn wait_for(
     })
     .await
     .expect("log line in time")
+}
+
+/// Connections the kernel completed before SIGTERM (sitting in the listen
+/// backlog: the process was stopped) are served, not reset when the
+/// listener closes: a load balancer sent them before it saw /ready go 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_serves_the_listen_backlog() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::common::client::{startup_and_query, tls_client, tls_upgrade, SSL_REQUEST};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let pg = PgCluster::with_trust_roles(&["bob"]);
+    let (mut child, mut rx, addr) = start(dir.path(), &pki, &pg).await;
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+
+    // Stopped, the proxy accepts nothing; the kernel still completes the
+    // TCP handshakes and queues the connections.
+    signal("-STOP");
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        queued.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // SIGTERM arrives together with the queued connections.
+    signal("-TERM");
+    signal("-CONT");
+    for mut tcp in queued {
+        tcp.write_all(&SSL_REQUEST).await.expect("ssl request");
+        assert_eq!(tcp.read_u8().await.expect("answer"), b'S', "served");
+        let mut tls = tls_upgrade(tcp, tls_client(&pki.root_cert, &[]))
+            .await
+            .expect("TLS");
+        assert_eq!(startup_and_query(&mut tls, "bob", "SELECT 1").await, "1");
+    }
+    wait_for(&mut rx, "draining: stopped accepting").await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
 }
