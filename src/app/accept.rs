@@ -22,8 +22,11 @@ pub(super) struct Sessions {
     pub(super) tracker: TaskTracker,
 }
 
+/// Accepts until `stop`, then takes at most `backlog` connections already
+/// queued (the listen backlog's effective length: all it can hold).
 pub(super) async fn accept_loop(
     listener: TcpListener,
+    backlog: u32,
     shared: Arc<Context>,
     slots: Arc<Semaphore>,
     sessions: Sessions,
@@ -31,6 +34,9 @@ pub(super) async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
+            // Stop first: once the drain begins, what is queued goes
+            // through `take_backlog`, not this loop.
+            biased;
             _ = stop.cancelled() => break,
             a = listener.accept() => a,
         };
@@ -50,15 +56,18 @@ pub(super) async fn accept_loop(
             Err(e) => warn!("accepted socket unusable: {e}"),
         }
     }
-    take_backlog(listener, &shared, &slots, &sessions);
+    take_backlog(listener, backlog, &shared, &slots, &sessions);
 }
 
 /// At the drain: the connections the kernel has already completed (the
 /// listen backlog) are taken and served like any other, not reset when the
 /// listener closes. A load balancer has sent them here before it saw the
-/// replica unready, and their clients would get a connection reset.
+/// replica unready, and their clients would get a connection reset. At
+/// most `max`: the listener still takes new arrivals meanwhile, and a
+/// steady stream of them must not hold the drain up.
 fn take_backlog(
     listener: TcpListener,
+    max: u32,
     shared: &Arc<Context>,
     slots: &Arc<Semaphore>,
     sessions: &Sessions,
@@ -73,7 +82,7 @@ fn take_backlog(
         }
     };
     let mut taken = 0u64;
-    loop {
+    for _ in 0..max {
         match listener.accept() {
             Ok((tcp, peer)) => {
                 // accept(2) does not pass O_NONBLOCK on; tokio needs it.
@@ -85,10 +94,13 @@ fn take_backlog(
                 admit(tcp, peer, shared, slots, sessions);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 accept_failed(shared, &e);
-                break;
+                // Out of descriptors: the rest cannot be paid for. Anything
+                // else (a connection aborted while queued) is that one's.
+                if fdlimit::is_exhaustion(&e) {
+                    break;
+                }
             }
         }
     }

@@ -254,6 +254,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let accept_task = tokio::spawn(accept::accept_loop(
         listener,
+        effective_backlog(config.listen.backlog),
         shared.clone(),
         slots,
         accept::Sessions {
@@ -323,7 +324,8 @@ impl Handle {
         self.reloader.reload().await
     }
 
-    /// SIGTERM: /ready turns 503 and accepting stops; sessions get up to
+    /// SIGTERM: /ready turns 503 and accepting stops (what the listen
+    /// backlog already holds is still taken and served); sessions get up to
     /// the grace period to end on their own; then each running backend
     /// query is cancelled and each client gets FATAL 57P01 at a message
     /// boundary before its connection closes.
