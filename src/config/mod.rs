@@ -105,9 +105,13 @@ fn is_loopback(address: &str) -> bool {
 }
 
 /// figment names keys under its profile ("default.backend.x"); operators
-/// know them as "backend.x".
+/// know them as "backend.x". Its unknown-field text quotes a list of quoted
+/// names ("expected `one of `a`, `b``"): one level of quotes is enough.
 fn parse_text(e: &figment::Error) -> String {
-    e.to_string().replace("key \"default.", "key \"")
+    e.to_string()
+        .replace("key \"default.", "key \"")
+        .replace("expected `one of `", "expected one of `")
+        .replace("``", "`")
 }
 
 /// `PGTLS_*` variables (`__` between levels; `PGTLS_CONFIG` names the file
@@ -122,9 +126,25 @@ impl EnvVars {
         EnvVars(Env::prefixed("PGTLS_").split("__").ignore(&["config"]))
     }
 
-    /// The variable that sets `key` ("listen.workers").
+    /// The variable that sets `key` ("listen.workers"). A key that names
+    /// a table (figment reports an unknown one, `PGTLS_BOGUS__KEY`, by its
+    /// first level) is named by the variables set under it.
     fn var(key: &str) -> String {
-        format!("PGTLS_{}", key.replace('.', "__").to_ascii_uppercase())
+        let name = format!("PGTLS_{}", key.replace('.', "__").to_ascii_uppercase());
+        if std::env::var_os(&name).is_some() {
+            return name;
+        }
+        let table = format!("{name}__");
+        let mut under: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.to_ascii_uppercase().starts_with(&table))
+            .collect();
+        under.sort();
+        if under.is_empty() {
+            name
+        } else {
+            under.join(", ")
+        }
     }
 }
 
@@ -160,21 +180,41 @@ impl Config {
         fig = fig.merge(EnvVars::new());
         let config: Config = fig.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.validate(file).map_err(|e| match e {
-            // A value set in the environment is not the file's fault.
-            ConfigError::Invalid { key, reason, .. }
-                if fig
-                    .find_metadata(key)
-                    .is_some_and(|m| m.name == EnvVars::NAME) =>
-            {
+            ConfigError::Invalid { key, reason, .. } => {
+                let origin = Some(Self::origin(&fig, key, file));
                 ConfigError::Invalid {
                     key,
                     reason,
-                    origin: Some(format!("from environment variable {}", EnvVars::var(key))),
+                    origin,
                 }
             }
             e => e,
         })?;
         Ok(config)
+    }
+
+    /// Where `key`'s value came from, for an error about it: the file, the
+    /// environment variable (not the file's fault), or nowhere (a key
+    /// another one requires: where it may be set).
+    fn origin(fig: &Figment, key: &str, file: Option<&Path>) -> String {
+        let meta = fig.find_metadata(key);
+        if meta.is_some_and(|m| m.name == EnvVars::NAME) {
+            return format!("from environment variable {}", EnvVars::var(key));
+        }
+        // The one file merged is `file`.
+        let from_file = meta.is_some_and(|m| matches!(&m.source, Some(figment::Source::File(_))));
+        match file {
+            Some(path) if from_file => format!("in {}", path.display()),
+            Some(path) => format!(
+                "not set: set it in {} or as {}",
+                path.display(),
+                EnvVars::var(key)
+            ),
+            None => format!(
+                "not set: set it in the config file or as {}",
+                EnvVars::var(key)
+            ),
+        }
     }
 
     /// Parses a TOML string only (tests and `explain`-style tools).

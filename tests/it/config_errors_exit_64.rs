@@ -103,6 +103,10 @@ fn config_errors_exit_64() {
     );
     assert_eq!(code, 64);
     assert!(err.contains("PGTLS_LIMITS__HANDSHAKE_TIMEOUT"), "{err}");
+    // An unknown table is named by the variable set under it.
+    let (code, _, err) = run(&["check", "--config", f], &[("PGTLS_BOGUS__KEY", "1")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("PGTLS_BOGUS__KEY"), "{err}");
 
     // A value out of range from the environment blames the variable, not
     // the file; from the file, the file.
@@ -115,6 +119,18 @@ fn config_errors_exit_64() {
         err.contains("listen.workers")
             && err.contains("from environment variable PGTLS_LISTEN__WORKERS")
             && !err.contains("good.toml"),
+        "{err}"
+    );
+    // A key that another one requires, set nowhere: where it may be set.
+    let (code, _, err) = run(
+        &["check", "--config", f],
+        &[("PGTLS_BACKEND__SSLMODE", "verify-full")],
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("backend.sslrootcert")
+            && err.contains("not set: set it in")
+            && err.contains("or as PGTLS_BACKEND__SSLROOTCERT"),
         "{err}"
     );
     let file = write_file(
