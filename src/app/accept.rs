@@ -1,6 +1,7 @@
 //! The accept loop: takes each connection off the listener, pays for its
 //! descriptor, and hands it to the least busy session thread, where it
-//! runs to its end (or until a forced close).
+//! runs to its end (or until a forced close). When the drain stops it, it
+//! takes what the listen backlog already holds before the listener closes.
 
 use std::sync::Arc;
 use std::time::Duration;
