@@ -71,8 +71,8 @@ pub enum ConfigError {
     Invalid {
         key: &'static str,
         reason: String,
-        /// Where the value came from: "in FILE" or "from environment
-        /// variable PGTLS_…".
+        /// Where the value came from ("in FILE", "from environment
+        /// variable PGTLS_…"), or where it may be set when it is set nowhere.
         origin: Option<String>,
     },
 }
@@ -203,17 +203,11 @@ impl Config {
         }
         // The one file merged is `file`.
         let from_file = meta.is_some_and(|m| matches!(&m.source, Some(figment::Source::File(_))));
-        match file {
-            Some(path) if from_file => format!("in {}", path.display()),
-            Some(path) => format!(
-                "not set: set it in {} or as {}",
-                path.display(),
-                EnvVars::var(key)
-            ),
-            None => format!(
-                "not set: set it in the config file or as {}",
-                EnvVars::var(key)
-            ),
+        let place = file.map_or("the config file".into(), |p| p.display().to_string());
+        if from_file {
+            format!("in {place}")
+        } else {
+            format!("not set: set it in {place} or as {}", EnvVars::var(key))
         }
     }
 

@@ -96,25 +96,22 @@ fn config_errors_exit_64() {
     assert_eq!(code, 64);
     assert!(err.contains("/nonexistent/pg-tls-proxy.toml"), "{err}");
 
+    // `check` with the good file and one variable set: exit 64, stderr.
+    let with_env = |var: &str, value: &str| {
+        let (code, _, err) = run(&["check", "--config", f], &[(var, value)]);
+        assert_eq!(code, 64, "{var}={value}: {err}");
+        err
+    };
     // A bad environment value names the variable as it was set.
-    let (code, _, err) = run(
-        &["check", "--config", f],
-        &[("PGTLS_LIMITS__HANDSHAKE_TIMEOUT", "soon")],
-    );
-    assert_eq!(code, 64);
+    let err = with_env("PGTLS_LIMITS__HANDSHAKE_TIMEOUT", "soon");
     assert!(err.contains("PGTLS_LIMITS__HANDSHAKE_TIMEOUT"), "{err}");
     // An unknown table is named by the variable set under it.
-    let (code, _, err) = run(&["check", "--config", f], &[("PGTLS_BOGUS__KEY", "1")]);
-    assert_eq!(code, 64);
+    let err = with_env("PGTLS_BOGUS__KEY", "1");
     assert!(err.contains("PGTLS_BOGUS__KEY"), "{err}");
 
     // A value out of range from the environment blames the variable, not
     // the file; from the file, the file.
-    let (code, _, err) = run(
-        &["check", "--config", f],
-        &[("PGTLS_LISTEN__WORKERS", "999")],
-    );
-    assert_eq!(code, 64);
+    let err = with_env("PGTLS_LISTEN__WORKERS", "999");
     assert!(
         err.contains("listen.workers")
             && err.contains("from environment variable PGTLS_LISTEN__WORKERS")
@@ -122,11 +119,7 @@ fn config_errors_exit_64() {
         "{err}"
     );
     // A key that another one requires, set nowhere: where it may be set.
-    let (code, _, err) = run(
-        &["check", "--config", f],
-        &[("PGTLS_BACKEND__SSLMODE", "verify-full")],
-    );
-    assert_eq!(code, 64);
+    let err = with_env("PGTLS_BACKEND__SSLMODE", "verify-full");
     assert!(
         err.contains("backend.sslrootcert")
             && err.contains("not set: set it in")
